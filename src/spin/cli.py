@@ -1,0 +1,211 @@
+"""`spin` command line: a thin parser over the library functions.
+
+    spin run recipe.yaml [section.key=value ...] [--force]   the whole game (resumes an existing run folder)
+    spin generate --model DIR --dataset FILE --output FILE    one iteration's pairs
+    spin train --model DIR --pairs FILE --output DIR          one iteration of training from pairs
+    spin eval --model DIR --dataset FILE                      held-out metrics of one checkpoint
+    spin report RUN_DIR                                       PNG plots + one HTML page
+    spin demo [--output-dir DIR] [--seed N]                   tiny model, built-in task, no download
+
+Errors a user can fix print one line (`spin: error: ...`) and exit with status 2; `--debug` shows the trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from spin.errors import SpinError
+
+log = logging.getLogger("spin")
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO, format="%(message)s", stream=sys.stderr
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("accelerate").setLevel(logging.ERROR)  # e.g. its note on tied weights at every save
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from spin.api import run
+    from spin.config import load_config
+
+    run(load_config(args.config, args.overrides), force=args.force)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from spin.demo import run_demo
+
+    run_demo(args.output_dir, args.seed, args.overrides)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from spin.api import generate
+
+    pairs = generate(args.model, args.dataset, args.output, overrides=args.overrides, seed=args.seed)
+    print(f"wrote {len(pairs)} pairs to {args.output}")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from spin.api import train
+
+    result = train(
+        args.model,
+        args.pairs,
+        args.output,
+        overrides=args.overrides,
+        seed=args.seed,
+        iteration=args.iteration,
+    )
+    print(
+        f"trained {result.steps} steps ({result.pairs_per_second:.1f} pairs/s); model saved to {args.output}"
+    )
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from spin.api import evaluate
+
+    metrics = evaluate(args.model, args.dataset, overrides=args.overrides, seed=args.seed)
+    print(json.dumps(metrics, indent=2))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from spin.report import write_report
+
+    print(f"wrote {write_report(args.run_dir)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spin",
+        description="Self-Play Fine-Tuning (SPIN) of language models: the whole game in one command.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    over: dict[str, Any] = {
+        "nargs": "*",
+        "default": [],
+        "metavar": "KEY=VALUE",
+        "help": "config overrides such as train.iterations=2 or generation.temperature=0.7",
+    }
+
+    def add(
+        name: str, fn: Callable[[argparse.Namespace], None], help_: str, desc: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=desc)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add(
+        "run",
+        cmd_run,
+        "play T iterations of SPIN from a YAML recipe",
+        "Play the whole game: generate, pair, train and evaluate for every iteration. On an existing run "
+        "folder it resumes after the last finished stage.",
+    )
+    p.add_argument("config", help="YAML recipe (see recipes/)")
+    p.add_argument("overrides", **over)
+    p.add_argument(
+        "--force", action="store_true", help="resume even if the recipe changed result-relevant fields"
+    )
+
+    p = add(
+        "generate",
+        cmd_generate,
+        "sample one response per prompt and write one iteration's pairs",
+        "The opponent MODEL samples one response per prompt of DATASET; writes pairs (prompt / chosen / "
+        "rejected, with the opponent's log-probs) as JSONL in TRL's preference format.",
+    )
+    p.add_argument("--model", required=True, help="opponent model folder or Hub id")
+    p.add_argument(
+        "--dataset", required=True, help="SFT data file or folder (jsonl/json/parquet/csv/datasets)"
+    )
+    p.add_argument("--output", required=True, help="pairs file to write (.jsonl)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("overrides", **over)
+
+    p = add(
+        "train",
+        cmd_train,
+        "train one SPIN iteration from a pairs file",
+        "Train the main player (initialised from MODEL, which is also the reference) on PAIRS with the "
+        "SPIN loss; saves a Hugging Face checkpoint to OUTPUT.",
+    )
+    p.add_argument("--model", required=True, help="model folder or Hub id (the opponent that made the pairs)")
+    p.add_argument("--pairs", required=True, help="pairs JSONL written by `spin generate`")
+    p.add_argument("--output", required=True, help="folder for the trained checkpoint")
+    p.add_argument("--seed", type=int, default=0, help="shuffling seed")
+    p.add_argument(
+        "--iteration", type=int, default=1, help="which entry of the per-iteration schedules to use"
+    )
+    p.add_argument("overrides", **over)
+
+    p = add(
+        "eval",
+        cmd_eval,
+        "held-out metrics of one checkpoint",
+        "Score MODEL on DATASET's held-out split (log-likelihood of real replies, sample statistics and "
+        "the task metric); prints JSON.",
+    )
+    p.add_argument("--model", required=True, help="model folder or Hub id")
+    p.add_argument(
+        "--dataset", required=True, help="SFT data file or folder, or builtin:addition / builtin:grammar"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed")
+    p.add_argument("overrides", **over)
+
+    p = add(
+        "report",
+        cmd_report,
+        "write PNG plots and an HTML page for a run folder",
+        "Write RUN_DIR/plots/*.png and RUN_DIR/report.html from summary.json and the training logs.",
+    )
+    p.add_argument("run_dir", help="a spin run folder")
+
+    p = add(
+        "demo",
+        cmd_demo,
+        "tiny model, built-in addition task, 3 iterations, no download",
+        "Build a tiny Llama and a character tokenizer, SFT it on multi-digit addition, play 3 SPIN "
+        "iterations and print a per-iteration table. About 2-3 minutes on 2 CPU cores.",
+    )
+    p.add_argument("--output-dir", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument("--seed", type=int, default=0, help="seed for data, SFT and SPIN (default: 0)")
+    p.add_argument("overrides", **over)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.debug)
+    try:
+        args.fn(args)
+    except SpinError as e:
+        if args.debug:
+            raise
+        print(f"spin: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("spin: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Evaluate stage: how far is p_t from p_data, measured on held-out prompts after every iteration.
+
+Iteration 0 is the starting model. For iteration t >= 1 the main player p_t is scored against its opponent
+p_{t-1} on held-out pairs (real reply y, a sample y' of p_{t-1}):
+
+- `discriminability`: the held-out reward accuracy P[r(y) > r(y')] with r = beta * log p_t/p_{t-1}, ties
+  counted as 1/2. 1.0: p_t tells its opponent's samples from the data perfectly; 0.5: it cannot, which is
+  the game's fixed point p_t = p_data (paper, Theorem 5.2).
+- `reward_margin`: mean r(y) - r(y'); `reward_real`, `reward_generated`.
+- `loglik_real` (and per token): log p_t(y|x) of the held-out real replies; it should rise as p_t -> p_data.
+- generation length statistics of p_t's own samples, a few sample generations, and the task metric
+  (built-in tasks; `answer_exact_match` when the data has gold answers, e.g. GSM8K).
+
+The held-out samples of p_t and p_t's log-probs on them are kept (`EvalState`), so the next iteration's
+evaluation needs no second model in memory.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from spin.config import SpinConfig, scheduled
+from spin.data import Example, Message
+from spin.generate import generate_responses
+from spin.modeling import render_prompt
+from spin.pairs import score_logps
+
+
+@dataclass
+class EvalState:
+    """What the next iteration's evaluation needs from this model (saved as eval_state.json)."""
+
+    generations: list[str]  # this model's sampled held-out replies
+    logps_real: list[float]  # log p_t(y|x) of the real replies
+    logps_generated: list[float]  # log p_t(y'|x) of its own samples
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def extract_answer(text: str, pattern: str | None) -> str | None:
+    """The answer in a generation: the pattern's first group, else the last number in the text."""
+    if pattern:
+        m = re.search(pattern, text, flags=re.MULTILINE | re.DOTALL)
+        if m:
+            return m.group(1).strip().replace(",", "")
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].replace(",", "") if numbers else None
+
+
+def reward_metrics(
+    policy_real: list[float],
+    policy_generated: list[float],
+    ref_real: list[float],
+    ref_generated: list[float],
+    beta: float,
+) -> dict[str, float]:
+    """Held-out reward accuracy (ties 1/2) and margins of the implicit rewards beta * log p/p_ref."""
+    real = [beta * (p - r) for p, r in zip(policy_real, ref_real)]
+    gen = [beta * (p - r) for p, r in zip(policy_generated, ref_generated)]
+    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(real, gen)]
+    n = max(len(real), 1)
+    return {
+        "discriminability": sum(wins) / n,
+        "reward_margin": sum(a - b for a, b in zip(real, gen)) / n,
+        "reward_real": sum(real) / n,
+        "reward_generated": sum(gen) / n,
+    }
+
+
+def evaluate_model(
+    model: Any,
+    tokenizer: Any,
+    examples: list[Example],
+    cfg: SpinConfig,
+    iteration: int,
+    previous: EvalState | None,
+    accelerator: Any = None,
+) -> tuple[dict[str, float | None], EvalState, list[dict[str, str]]]:
+    """Metrics of the model at `iteration` on the held-out `examples`; see the module docstring."""
+    from spin.tasks import get_task
+
+    prompts = [ex.prompt for ex in examples]
+    real = [ex.response for ex in examples]
+    tcfg, ecfg = cfg.train, cfg.eval
+
+    def logps(ps: list[list[Message]], rs: list[str], desc: str) -> list[float]:
+        return score_logps(
+            model, tokenizer, ps, rs, tcfg.max_length, ecfg.batch_size, tcfg.length_normalize, desc
+        )
+
+    sampled = generate_responses(
+        model,
+        tokenizer,
+        prompts,
+        cfg.generation,
+        seed=cfg.seed + 100_003 * (iteration + 1),
+        desc="eval samples",
+    )
+    own = [g.text for g in sampled]
+    state = EvalState(own, logps(prompts, real, "eval real"), logps(prompts, own, "eval samples"))
+
+    n = max(len(examples), 1)
+    lengths = [g.num_tokens for g in sampled]
+    real_tokens = [len(tokenizer(r, add_special_tokens=False)["input_ids"]) + 1 for r in real]
+    metrics: dict[str, float | None] = {
+        "loglik_real": sum(state.logps_real) / n,
+        "loglik_real_per_token": sum(state.logps_real) / max(sum(real_tokens), 1),
+        "gen_len_mean": statistics.fmean(lengths) if lengths else 0.0,
+        "gen_len_std": statistics.pstdev(lengths) if len(lengths) > 1 else 0.0,
+        "gen_finished_rate": sum(g.finished for g in sampled) / n,
+        "identical_to_real": sum(a == b for a, b in zip(own, real)) / n,
+        "discriminability": None,
+        "reward_margin": None,
+        "reward_real": None,
+        "reward_generated": None,
+    }
+    if previous is not None:
+        # p_t against p_{t-1} on (real, sample of p_{t-1}): the main player's view of the last game.
+        policy_prev_gen = logps(prompts, previous.generations, "eval opponent samples")
+        beta = float(scheduled(tcfg.beta, max(iteration, 1)))
+        metrics.update(
+            reward_metrics(
+                state.logps_real, policy_prev_gen, previous.logps_real, previous.logps_generated, beta
+            )
+        )
+
+    # Task metrics: greedy answers for deterministic tasks, the samples for distributional ones.
+    task = get_task(cfg.task) if cfg.task in ("addition", "grammar") else None
+    answers = own
+    if ecfg.greedy and (task is None or task.name != "grammar"):
+        greedy = generate_responses(
+            model, tokenizer, prompts, cfg.generation, seed=cfg.seed, greedy=True, desc="eval greedy"
+        )
+        answers = [g.text for g in greedy]
+    if task is not None:
+        metrics.update(task.score(examples, answers, lambda ps, rs: logps(ps, rs, "eval support")))
+    elif any(ex.reference is not None for ex in examples):
+        hits = [
+            extract_answer(a, cfg.data.answer_pattern) == ex.reference
+            for a, ex in zip(answers, examples)
+            if ex.reference is not None
+        ]
+        metrics["answer_exact_match"] = sum(hits) / max(len(hits), 1)
+
+    samples = [
+        {"prompt": render_prompt(tokenizer, p), "real": r, "generated": g}
+        for p, r, g in list(zip(prompts, real, answers))[: ecfg.num_samples]
+    ]
+    metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+    return metrics, state, samples
+
+
+def primary_metric(cfg: SpinConfig, examples: list[Example]) -> str:
+    """The metric the stopping rule and the report lead with (higher is better)."""
+    if cfg.task in ("addition", "grammar"):
+        from spin.tasks import get_task
+
+        return get_task(cfg.task).primary_metric
+    if any(ex.reference is not None for ex in examples):
+        return "answer_exact_match"
+    return "loglik_real"

@@ -1,0 +1,213 @@
+"""The game: T iterations of generate -> pairs -> train -> evaluate, in one function (`run`).
+
+    for t in 1..T:
+        opponent p_{t-1}  := the last checkpoint (frozen)
+        y'                ~ p_{t-1}(.|x) for every training prompt x              (generate.py)
+        pairs             := (x, y real, y' generated) + p_{t-1}'s log-probs        (pairs.py)
+        main player p_t   := p_{t-1} trained on the SPIN loss, saved                 (train.py)
+        metrics           := held-out distance of p_t to the data                   (evaluate.py)
+        stop early if p_t can no longer tell its samples from the data
+
+Run folder: `config.yaml`, `summary.json`, `report.html` at the root; `iteration_t/` holds `generations/`
+shards, `pairs.jsonl`, `model/` (a Hugging Face checkpoint), `train_log.jsonl`, `metrics.json`,
+`samples.jsonl`, `eval_state.json`. Every stage writes its outputs atomically and then a `.STAGE.done`
+marker, so `spin run` on an existing folder resumes after the last finished stage (and, inside
+generation and training, after the last finished shard or trainer checkpoint).
+
+The same model object is the opponent (it generates and scores) and then the main player (it is trained in
+place), so at most one model is ever in memory. Iteration numbering: iteration 0 is the starting model;
+iteration t is the model after t SPIN rounds, trained with the schedules' t-th entries.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from spin.config import SpinConfig, config_to_yaml, scheduled
+from spin.data import Example
+from spin.errors import SpinError
+from spin.evaluate import EvalState, evaluate_model, primary_metric
+from spin.io import check_writable, is_done, mark_done, read_json, read_jsonl, write_json, write_jsonl
+from spin.modeling import encode, load_model, load_tokenizer, render_prompt
+from spin.opponent import make_iteration_pairs
+from spin.pairs import pair_stats
+from spin.resume import check_resume_config
+from spin.train import make_accelerator, train_iteration
+
+log = logging.getLogger("spin")
+
+
+def load_examples(cfg: SpinConfig, tokenizer: Any) -> tuple[list[Example], list[Example], dict[str, Any]]:
+    """Training and held-out examples, with data statistics (counts of dropped / truncated rows)."""
+    from spin.tasks import get_task
+
+    if cfg.data.path is None:
+        assert cfg.task is not None  # validated by SpinConfig
+        task = get_task(cfg.task)
+        assert task.make_examples is not None
+        examples = task.make_examples(cfg.data.num_examples + cfg.data.eval_size, cfg.seed)
+        stats: dict[str, Any] = {"source": f"builtin:{cfg.task}", "examples": len(examples)}
+        train, held_out = examples[cfg.data.eval_size :], examples[: cfg.data.eval_size]
+        return train, held_out, stats
+    from spin.data import apply_prompt_limit, load_sft_examples, split_holdout
+
+    examples, data_stats = load_sft_examples(cfg.data, seed=cfg.seed)
+    examples = apply_prompt_limit(
+        examples,
+        lambda m: len(encode(tokenizer, render_prompt(tokenizer, m))),
+        cfg.data.max_prompt_tokens,
+        cfg.data.long_prompts,
+        data_stats,
+    )
+    if not examples:
+        raise SpinError(
+            f"no usable rows left in {cfg.data.path} after the prompt-length limit",
+            hint="raise data.max_prompt_tokens or set data.long_prompts=truncate",
+        )
+    train, held_out = split_holdout(examples, cfg.data.eval_size, cfg.seed)
+    return train, held_out, data_stats.to_dict()
+
+
+def _summary(run_dir: Path, cfg: SpinConfig, primary: str, data_stats: dict, stop_reason: str | None) -> dict:
+    iterations = []
+    for t in range(cfg.train.iterations + 1):
+        path = run_dir / f"iteration_{t}" / "metrics.json"
+        if path.exists():
+            iterations.append({"iteration": t, "metrics": read_json(path)})
+    return {
+        "primary_metric": primary,
+        "stop_reason": stop_reason,
+        "data": data_stats,
+        "config": cfg.to_dict(),
+        "iterations": iterations,
+    }
+
+
+def should_stop(history: list[dict[str, Any]], primary: str, cfg: SpinConfig) -> str | None:
+    """The stopping rule: discriminability near 1/2, or no improvement of the primary metric."""
+    stop = cfg.eval.stop
+    last = history[-1]
+    d = last.get("discriminability")
+    if stop.discriminability_band > 0 and d is not None and abs(d - 0.5) <= stop.discriminability_band:
+        return (
+            f"discriminability {d:.3f} is within {stop.discriminability_band} of 0.5: the model can no "
+            f"longer tell its own samples from the data"
+        )
+    values = [h.get(primary) for h in history]
+    if stop.patience > 0 and len(values) > stop.patience and all(v is not None for v in values):
+        numbers = [float(v) for v in values if v is not None]
+        best_before = max(numbers[: -stop.patience])
+        if max(numbers[-stop.patience :]) <= best_before + stop.min_delta:
+            return f"{primary} has not improved on {best_before:.4g} for {stop.patience} iteration(s)"
+    return None
+
+
+def run(cfg: SpinConfig, force: bool = False, accelerator: Any = None) -> dict[str, Any]:
+    """Play the whole game; returns the summary (also written to `output_dir/summary.json`)."""
+    from spin.logging_utils import IterationLogger, print_iteration
+    from spin.report import write_report
+
+    if cfg.model.name_or_path is None:
+        raise SpinError(
+            "model.name_or_path is not set", hint="give the starting SFT model's folder or Hub id"
+        )
+    run_dir = Path(cfg.output_dir)
+    accelerator = accelerator or make_accelerator(cfg.train)
+    main = accelerator.is_main_process
+    if main:
+        check_writable(run_dir)
+        check_resume_config(run_dir, cfg, force)
+        (run_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
+    accelerator.wait_for_everyone()
+
+    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model)
+    train_examples, held_out, data_stats = load_examples(cfg, tokenizer)
+    primary = primary_metric(cfg, held_out or train_examples)
+    loggers = IterationLogger(run_dir, cfg.report_to, enabled=main)
+    log.info(
+        "%d training prompts, %d held out; primary metric: %s", len(train_examples), len(held_out), primary
+    )
+
+    model_path: str | Path = cfg.model.name_or_path
+    history: list[dict[str, Any]] = []
+    stop_reason: str | None = None
+    state: EvalState | None = None
+    for t in range(cfg.train.iterations + 1):
+        it_dir = run_dir / f"iteration_{t}"
+        it_dir.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        model = load_model(model_path, cfg.model, device=accelerator.device)
+        if t >= 1:
+            if not is_done(it_dir, "pairs"):
+                # Opponent p_{t-1}: one sample per training prompt, then the reference log-probs of both sides.
+                pairs = make_iteration_pairs(model, tokenizer, train_examples, cfg, t, run_dir, accelerator)
+                if main:
+                    write_jsonl(it_dir / "pairs.jsonl", pairs)
+                    write_json(it_dir / "pair_stats.json", pair_stats(pairs))
+                    mark_done(it_dir, "pairs")
+                accelerator.wait_for_everyone()
+            pairs = list(read_jsonl(it_dir / "pairs.jsonl"))
+            if not is_done(it_dir, "train"):
+                # Main player p_t, initialised from p_{t-1} (the same weights), trained in place.
+                train_iteration(
+                    model,
+                    tokenizer,
+                    pairs,
+                    cfg.train,
+                    iteration=t,
+                    run_seed=cfg.seed,
+                    log_dir=it_dir,
+                    checkpoint_dir=it_dir / "trainer_checkpoint",
+                    accelerator=accelerator,
+                    writer=loggers.writer(t),
+                    save_dir=it_dir / "model",
+                )
+                if main:
+                    mark_done(it_dir, "train")
+                accelerator.wait_for_everyone()
+            # Reload what was saved, so a resumed run and an uninterrupted one evaluate the same weights.
+            del model
+            accelerator.free_memory()
+            model_path = it_dir / "model"
+            model = load_model(model_path, cfg.model, device=accelerator.device)
+        if is_done(it_dir, "eval"):
+            metrics = read_json(it_dir / "metrics.json")
+            state = EvalState(**read_json(it_dir / "eval_state.json"))
+        else:
+            metrics, state, samples = evaluate_model(model, tokenizer, held_out, cfg, t, state)
+            if t >= 1:
+                metrics.update({f"pairs_{k}": v for k, v in read_json(it_dir / "pair_stats.json").items()})
+            metrics["seconds"] = time.perf_counter() - t0
+            if main:
+                write_json(it_dir / "eval_state.json", state.to_dict())
+                write_jsonl(it_dir / "samples.jsonl", samples)
+                write_json(it_dir / "metrics.json", metrics)
+                loggers.log_metrics(t, metrics)
+                if t >= 1:
+                    from spin.cards import write_model_card
+
+                    write_model_card(it_dir / "model", cfg, t, metrics)
+                mark_done(it_dir, "eval")
+            accelerator.wait_for_everyone()
+        history.append(metrics)
+        if main:
+            print_iteration(t, metrics, primary)
+        del model
+        if t >= 1 and (stop_reason := should_stop(history, primary, cfg)):
+            log.info("stopping after iteration %d: %s", t, stop_reason)
+            break
+    if stop_reason is None:
+        stop_reason = f"played all {cfg.train.iterations} iterations"
+    summary = _summary(run_dir, cfg, primary, data_stats, stop_reason)
+    if main:
+        write_json(run_dir / "summary.json", summary)
+        loggers.close()
+        write_report(run_dir)
+    accelerator.wait_for_everyone()
+    return summary
+
+
+__all__ = ["run", "load_examples", "should_stop", "scheduled"]

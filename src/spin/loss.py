@@ -1,0 +1,184 @@
+"""The SPIN loss, sequence log-probabilities, and the α-SPIN reference, as pure tensor functions.
+
+What it does
+------------
+SPIN (Chen et al., ICML 2024, arXiv 2401.01335) trains p_θ to tell the real reply y ~ p_data(.|x) apart
+from the reply y' ~ p_θt(.|x) its previous iterate (the *opponent*) generated for the same prompt x:
+
+    L_SPIN(θ, θ_t) = E_{x, y ~ p_data, y' ~ p_θt} [ ℓ( β log p_θ(y|x)/p_θt(y|x) − β log p_θ(y'|x)/p_θt(y'|x) ) ]
+
+(the paper's end-to-end objective, Eq. (4.7) in v3; the paper writes λ where we write β). In code:
+
+    z = β·((log p_θ(y|x) − log p_θt(y|x)) − (log p_θ(y'|x) − log p_θt(y'|x)))      # (B,)
+    loss = ℓ(z)                                                                     # (B,), no reduction
+
+It is DPO's loss with the real reply as "chosen", the generated one as "rejected", and the opponent as the
+reference model (tests/test_loss.py runs TRL's DPO loss to check exactly that).
+
+- `spin_loss`: per-example ℓ(z) plus the implicit rewards β·log p_θ/p_θt of both replies (detached).
+- `sequence_logps`: log p(y|x) = Σ_t log p(y_t | x, y_<t) over the response tokens, from causal-LM logits.
+- `mix_reference_logps`: the α-SPIN reference log p_base^α · p_t^(1−α) (Alami et al. 2024, arXiv 2404.04291).
+
+How it departs from the paper
+-----------------------------
+- ℓ is any convex, decreasing loss in the paper; its experiments (and Theorem 5.4) use the logistic
+  ℓ(t) = log(1 + exp(−t)), our `"sigmoid"` (computed as −logsigmoid(t) for stability). We also offer `"hinge"`
+  ℓ(t) = max(0, 1 − t) (the official SPIN code's second option) and `"exponential"` ℓ(t) = exp(−t), another
+  convex decreasing member of the family (it can overflow for very negative z: keep β·margins moderate).
+  Theorem 5.2 (the fixed point p_θt = p_data) holds for all three; the closed-form update of Theorem 5.4
+  is specific to the logistic loss (for the exponential loss the exponent is 1/(2β), not 1/β: see
+  tests/test_theory.py).
+- Losses come back per example, unreduced: the trainer decides how to average (and over how many devices).
+- `sequence_logps(length_normalize=True)` averages instead of sums the token log-probs. The paper does not
+  (log p(y|x) is a sum by the chain rule); it is off by default and only there to experiment with.
+- `mix_reference_logps` is not in the SPIN paper: it is the geometric-mixture reference of α-SPIN.
+  α = 0 gives back vanilla SPIN, α = 1 a fixed (DPO-like) base reference.
+
+How to run
+----------
+    from spin.loss import sequence_logps, spin_loss
+    logps = sequence_logps(model(input_ids).logits, input_ids, loss_mask)             # (2B,) real then generated
+    with torch.no_grad():
+        opp = sequence_logps(opponent(input_ids).logits, input_ids, loss_mask)        # (2B,)
+    out = spin_loss(*logps.chunk(2), *opp.chunk(2), beta=0.1)
+    out.losses.mean().backward()
+
+Tests: `.venv/bin/python -m pytest -q tests/test_loss.py tests/test_theory.py`; docs/paper.md maps each
+equation of the paper to the function and test above.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LOSS_TYPES = ("sigmoid", "hinge", "exponential")
+
+
+@dataclass(frozen=True)
+class SpinLossOutput:
+    """Per-example SPIN losses and implicit rewards; nothing is reduced over the batch."""
+
+    losses: Tensor  # (B,) ℓ(z) per example, NO reduction; carries the gradient
+    real_rewards: Tensor  # (B,) β·(log p_θ(y|x) − log p_ref(y|x)) for the real reply y, detached
+    generated_rewards: Tensor  # (B,) β·(log p_θ(y'|x) − log p_ref(y'|x)) for the generated reply y', detached
+
+    @property
+    def margins(self) -> Tensor:
+        """(B,) real − generated reward: the z inside ℓ(z), detached. Positive means the real reply wins."""
+        return self.real_rewards - self.generated_rewards
+
+
+def _check_beta(beta: float) -> None:
+    if not (isinstance(beta, int | float) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0 (the paper's λ), got {beta!r}")
+
+
+def spin_loss(
+    policy_real_logps: Tensor,
+    policy_generated_logps: Tensor,
+    opponent_real_logps: Tensor,
+    opponent_generated_logps: Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+) -> SpinLossOutput:
+    """SPIN loss ℓ(z) per example (paper Eq. (4.7)), with z the difference of the two implicit rewards.
+
+    All four inputs are (B,) sequence log-probs log p(reply|prompt), summed over the reply's tokens
+    (`sequence_logps`): the policy p_θ being trained and the opponent p_θt (the previous iterate, or any
+    reference, e.g. `mix_reference_logps`), each on the real reply y and on the generated reply y'.
+    `beta` is the paper's λ: the strength of the KL regularisation of the opponent's update.
+    """
+    _check_beta(beta)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; valid options: {', '.join(LOSS_TYPES)}")
+    shape = policy_real_logps.shape
+    for name, t in (
+        ("policy_generated_logps", policy_generated_logps),
+        ("opponent_real_logps", opponent_real_logps),
+        ("opponent_generated_logps", opponent_generated_logps),
+    ):
+        if t.shape != shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, policy_real_logps has {tuple(shape)}")
+
+    # z = β log p_θ(y|x)/p_θt(y|x) − β log p_θ(y'|x)/p_θt(y'|x)                        # (B,)
+    z = beta * (
+        (policy_real_logps - opponent_real_logps) - (policy_generated_logps - opponent_generated_logps)
+    )
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(z)  # ℓ(t) = log(1 + exp(−t)), the paper's logistic loss     # (B,)
+    elif loss_type == "hinge":
+        losses = torch.relu(1.0 - z)  # ℓ(t) = max(0, 1 − t)                                   # (B,)
+    else:
+        losses = torch.exp(-z)  # ℓ(t) = exp(−t)                                              # (B,)
+
+    # Implicit rewards (the main player f_{t+1}(x, y) = β log p_θ(y|x)/p_θt(y|x)), for logging only.
+    real_rewards = beta * (policy_real_logps - opponent_real_logps).detach()  # (B,)
+    generated_rewards = beta * (policy_generated_logps - opponent_generated_logps).detach()  # (B,)
+    return SpinLossOutput(losses=losses, real_rewards=real_rewards, generated_rewards=generated_rewards)
+
+
+def _check_token_shapes(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> None:
+    if logits.ndim != 3:
+        raise ValueError(f"logits must be (B, T, V), got shape {tuple(logits.shape)}")
+    if labels.shape != logits.shape[:2] or loss_mask.shape != logits.shape[:2]:
+        raise ValueError(
+            f"labels {tuple(labels.shape)} and loss_mask {tuple(loss_mask.shape)} must both be "
+            f"(B, T) = {tuple(logits.shape[:2])}, the first two dims of logits"
+        )
+
+
+def sequence_token_counts(loss_mask: Tensor) -> Tensor:
+    """(B,) int64: how many tokens `sequence_logps` scores per row, i.e. loss_mask[:, 1:].sum(-1).
+
+    Position 0 is never scored (nothing predicts it), so a mask that is 1 there does not count it.
+    """
+    if loss_mask.ndim != 2:
+        raise ValueError(f"loss_mask must be (B, T), got shape {tuple(loss_mask.shape)}")
+    return loss_mask[:, 1:].bool().sum(dim=1)  # (B,)
+
+
+def sequence_logps(
+    logits: Tensor, labels: Tensor, loss_mask: Tensor, length_normalize: bool = False
+) -> Tensor:
+    """(B,) fp32 log p(response | prompt) = Σ over response tokens of log p(token | everything before it).
+
+    logits: (B, T, V) from a causal LM run on input_ids (B, T); labels: (B, T), normally input_ids itself;
+    loss_mask: (B, T) bool/int, 1 on response tokens, 0 on prompt and padding (left or right).
+    logits[:, t] predicts labels[:, t + 1], so the scored positions are loss_mask[:, 1:].
+    With length_normalize, returns the mean over the scored tokens instead (0 for a row with none).
+
+    Memory: only the M scored positions go through the softmax, in fp32, via `F.cross_entropy` on an
+    (M, V) slice; no fp32 copy of the whole (B, T, V) logits and no separate log_softmax + gather.
+    """
+    _check_token_shapes(logits, labels, loss_mask)
+    mask = loss_mask[:, 1:].bool()  # (B, T-1): which next-token predictions are response tokens
+    targets = labels[:, 1:][mask]  # (M,) the response tokens, M = mask.sum()
+    picked = logits[:, :-1][mask].float()  # (M, V) their predicting logits, upcast to fp32
+    token_logps = -F.cross_entropy(picked, targets, reduction="none")  # (M,) log p(token | prefix)
+    per_token = token_logps.new_zeros(mask.shape).masked_scatter(mask, token_logps)  # (B, T-1), 0 off-mask
+    logps = per_token.sum(dim=1)  # (B,)
+    if length_normalize:
+        logps = logps / sequence_token_counts(loss_mask).clamp(min=1).to(logps.dtype)  # (B,)
+    return logps
+
+
+def mix_reference_logps(current_logps: Tensor, base_logps: Tensor, alpha: float) -> Tensor:
+    """α-SPIN reference (Alami et al. 2024): log p_ref = α·log p_base + (1 − α)·log p_t, elementwise.
+
+    current_logps: (B,) log p_t(y|x) under the current opponent; base_logps: (B,) log p_base(y|x) under the
+    base (SFT) model; returns (B,). p_ref ∝ p_base^α · p_t^(1−α) is a geometric mixture, unnormalised: its
+    normaliser Z(x) depends on the prompt only, so it cancels in SPIN's z, where the real and the generated
+    reply share their prompt. α = 0 is vanilla SPIN (reference = opponent), α = 1 a fixed base reference.
+    """
+    if not (isinstance(alpha, int | float) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha must be in [0, 1] (0: vanilla SPIN, 1: the base model), got {alpha!r}")
+    if current_logps.shape != base_logps.shape:
+        raise ValueError(
+            f"current_logps {tuple(current_logps.shape)} and base_logps {tuple(base_logps.shape)} differ"
+        )
+    return alpha * base_logps + (1.0 - alpha) * current_logps  # (B,)

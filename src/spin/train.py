@@ -1,0 +1,333 @@
+"""Train stage: the main player p_{t+1}, initialised from the opponent p_t, minimises the SPIN loss on the
+iteration's pairs, with the opponent's log-probs read from the pairs (scored once per iteration).
+
+One model in memory: the reference is the column `ref_chosen_logps` / `ref_rejected_logps`, never a second
+network. Each optimizer micro-step runs the real and generated sequences of a batch in ONE forward pass,
+padded to the longest sequence in the batch. `accelerate` supplies devices, DDP / DeepSpeed / FSDP, mixed
+precision and gradient accumulation; the loop itself is plain PyTorch.
+
+Resume: every `save_steps` optimizer steps the trainer state (model, optimizer, scheduler, RNG, step) is
+saved to `CKPT_DIR` atomically; a restarted iteration continues from it, skipping the batches already seen.
+
+Departures from the paper: none in the objective; RMSProp + linear schedule + warmup 0.1 as in the official
+recipe are the defaults, AdamW and cosine are offered.
+
+    result = train_iteration(model, tokenizer, pairs, cfg.train, iteration=1, run_seed=0, log_dir=Path("it1"))
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from spin.config import TrainConfig, scheduled
+from spin.errors import SpinError
+from spin.io import append_jsonl, read_json, write_json
+from spin.loss import spin_loss
+from spin.modeling import Encoded
+from spin.pairs import collate, encode_all, forward_logps
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    pairs_per_second: float
+    final_metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PairFeatures:
+    chosen: Encoded
+    rejected: Encoded
+    ref_chosen_logps: float
+    ref_rejected_logps: float
+
+
+def featurize(tokenizer: Any, pairs: list[dict], max_length: int) -> list[PairFeatures]:
+    """Token ids of both sides of every pair, with the stored reference log-probs."""
+    prompts = [p["prompt"] for p in pairs]
+    chosen = encode_all(tokenizer, prompts, [p["chosen"][-1]["content"] for p in pairs], max_length)
+    rejected = encode_all(tokenizer, prompts, [p["rejected"][-1]["content"] for p in pairs], max_length)
+    return [
+        PairFeatures(c, r, float(p["ref_chosen_logps"]), float(p["ref_rejected_logps"]))
+        for c, r, p in zip(chosen, rejected, pairs)
+    ]
+
+
+def collate_pairs(features: list[PairFeatures], pad_id: int) -> dict[str, torch.Tensor]:
+    """Real sequences first, generated second: one (2B, T) batch for one forward pass."""
+    batch = collate([f.chosen for f in features] + [f.rejected for f in features], pad_id)
+    batch["ref_chosen_logps"] = torch.tensor([f.ref_chosen_logps for f in features], dtype=torch.float32)
+    batch["ref_rejected_logps"] = torch.tensor([f.ref_rejected_logps for f in features], dtype=torch.float32)
+    return batch
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int, total_steps: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / (warmup_steps + 1)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return max(0.0, 1.0 - progress)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _batch_order(n: int, batch_size: int, epochs: float, seed: int) -> list[list[int]]:
+    """Micro-batches of pair indices for all epochs (a fresh permutation per epoch; fractional last epoch)."""
+    gen = torch.Generator().manual_seed(seed)
+    per_epoch = math.ceil(n / batch_size)
+    total = max(1, math.ceil(per_epoch * epochs))
+    batches: list[list[int]] = []
+    while len(batches) < total:
+        perm = torch.randperm(n, generator=gen).tolist()
+        batches += [perm[i : i + batch_size] for i in range(0, n, batch_size)]
+    return batches[:total]
+
+
+def train_iteration(
+    model: Any,
+    tokenizer: Any,
+    pairs: list[dict],
+    cfg: TrainConfig,
+    iteration: int,
+    run_seed: int,
+    log_dir: Path,
+    checkpoint_dir: Path | None = None,
+    accelerator: Any = None,
+    writer: Any = None,
+    on_step: Callable[[int], None] | None = None,
+    save_dir: Path | None = None,
+) -> TrainResult:
+    """Train `model` in place on `pairs` for one SPIN iteration; log to `log_dir/train_log.jsonl`.
+
+    With `save_dir`, the trained model and tokenizer are saved there as a Hugging Face checkpoint.
+    """
+    if not pairs:
+        raise SpinError(
+            f"iteration {iteration} has no training pairs", hint="check the dataset and data.eval_size"
+        )
+    beta = float(scheduled(cfg.beta, iteration))
+    lr = float(scheduled(cfg.learning_rate, iteration))
+    epochs = float(scheduled(cfg.epochs, iteration))
+    if accelerator is None:
+        accelerator = make_accelerator(cfg)
+    world = accelerator.num_processes
+
+    features = featurize(tokenizer, pairs, cfg.max_length)
+    # Each process takes every world-th micro-batch of one shared order, so the global batch is the same
+    # for any number of processes: global = batch_size * world * gradient_accumulation_steps.
+    order = _batch_order(len(features), cfg.batch_size, epochs, seed=run_seed * 1000 + iteration)
+    accum = cfg.gradient_accumulation_steps
+    group = world * accum
+    steps = max(1, len(order) // group) if len(order) >= group else 1
+    micro = order[: steps * group] if len(order) >= group else (order * group)[:group]
+    my_batches = micro[accelerator.process_index :: world]
+
+    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    model.train()
+    optimizer = make_optimizer(model, cfg, lr)
+    scheduler = make_scheduler(optimizer, cfg.lr_scheduler, int(cfg.warmup_ratio * steps), steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    start_step = 0
+    if checkpoint_dir is not None and (checkpoint_dir / "trainer_state.json").exists():
+        accelerator.load_state(str(checkpoint_dir))
+        state = read_json(checkpoint_dir / "trainer_state.json")
+        start_step = int(state["step"])
+        scheduler.load_state_dict(state["scheduler"])
+        log.info("iteration %d: resuming training at step %d of %d", iteration, start_step, steps)
+
+    log_path = log_dir / "train_log.jsonl"
+    if start_step == 0 and log_path.exists():
+        log_path.unlink()
+    pad_id = tokenizer.pad_token_id
+    t0 = time.perf_counter()
+    bar = tqdm(
+        total=steps,
+        initial=start_step,
+        desc=f"train {iteration}",
+        unit="step",
+        leave=False,
+        disable=None if accelerator.is_main_process else True,
+    )
+    last: dict[str, float] = {}
+    for step in range(start_step, steps):
+        sums = {"loss": 0.0, "rewards/real": 0.0, "rewards/generated": 0.0, "rewards/accuracy": 0.0}
+        for k in range(accum):
+            idx = my_batches[step * accum + k]
+            batch = collate_pairs([features[i] for i in idx], pad_id)
+            n = len(idx)
+            logps = forward_logps(model, batch, cfg.length_normalize)  # (2B,) real then generated
+            out = spin_loss(
+                policy_real_logps=logps[:n],
+                policy_generated_logps=logps[n:],
+                opponent_real_logps=batch["ref_chosen_logps"].to(logps.device),
+                opponent_generated_logps=batch["ref_rejected_logps"].to(logps.device),
+                beta=beta,
+                loss_type=cfg.loss_type,
+            )
+            loss = out.losses.mean()
+            if not torch.isfinite(loss):
+                raise SpinError(
+                    f"the loss became {loss.item()} at iteration {iteration}, step {step + 1}; "
+                    f"the last good checkpoint is kept in {checkpoint_dir or log_dir}",
+                    hint="lower train.learning_rate or use train.precision=fp32",
+                )
+            accelerator.backward(loss / accum)
+            sums["loss"] += loss.item() / accum
+            sums["rewards/real"] += out.real_rewards.mean().item() / accum
+            sums["rewards/generated"] += out.generated_rewards.mean().item() / accum
+            sums["rewards/accuracy"] += (
+                out.real_rewards > out.generated_rewards
+            ).float().mean().item() / accum
+        if cfg.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+
+        reduced = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "mean")
+        metrics = dict(zip(sums, reduced.tolist()))  # averaged over processes
+        metrics["rewards/margin"] = metrics["rewards/real"] - metrics["rewards/generated"]
+        last = metrics
+        if accelerator.is_main_process and ((step + 1) % cfg.logging_steps == 0 or step + 1 == steps):
+            row: dict[str, float] = {
+                "step": step + 1,
+                "epoch": (step + 1) * group / max(1, math.ceil(len(features) / cfg.batch_size)),
+                "lr": float(scheduler.get_last_lr()[0]),
+                **metrics,
+            }
+            append_jsonl(log_path, row)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margin']:.3f}")
+            if writer is not None:
+                for name, value in row.items():
+                    if name != "step":  # one namespace per iteration: iteration_t/loss, ...
+                        writer.add_scalar(f"iteration_{iteration}/{name}", value, step + 1)
+        if (
+            checkpoint_dir is not None
+            and cfg.save_steps
+            and (step + 1) % cfg.save_steps == 0
+            and step + 1 < steps
+        ):
+            _save_trainer_state(accelerator, checkpoint_dir, step + 1, scheduler)
+        if on_step is not None:
+            on_step(step + 1)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    done = steps - start_step
+    pairs_per_second = done * cfg.batch_size * group / max(seconds, 1e-9)
+    if save_dir is not None:
+        save_trained(accelerator, model, tokenizer, save_dir)
+    if checkpoint_dir is not None and accelerator.is_main_process:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return TrainResult(steps=steps, seconds=seconds, pairs_per_second=pairs_per_second, final_metrics=last)
+
+
+def make_accelerator(cfg: TrainConfig) -> Any:
+    """An `Accelerator` for this process: bf16 autocast on a bf16 GPU under `precision: auto`, fp32 on CPU."""
+    from accelerate import Accelerator
+
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision])
+
+
+def save_trained(accelerator: Any, model: Any, tokenizer: Any, path: Path) -> None:
+    """Save the (possibly wrapped / sharded) model as a standard safetensors checkpoint, atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards; collective on all ranks
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        unwrapped = accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+    accelerator.wait_for_everyone()
+
+
+def _save_trainer_state(accelerator: Any, checkpoint_dir: Path, step: int, scheduler: Any) -> None:
+    """Save the trainer state to `checkpoint_dir` atomically (a temporary folder renamed into place)."""
+    tmp = checkpoint_dir.with_name(checkpoint_dir.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        write_json(tmp / "trainer_state.json", {"step": step, "scheduler": scheduler.state_dict()})
+        old = checkpoint_dir.with_name(checkpoint_dir.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if checkpoint_dir.exists():
+            checkpoint_dir.rename(old)
+        tmp.rename(checkpoint_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def sft_train(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[list[dict]],
+    responses: list[str],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    max_length: int = 256,
+    desc: str = "sft",
+) -> list[float]:
+    """Plain supervised fine-tuning (mean token NLL of the response), for the demo and the baselines."""
+    feats = encode_all(tokenizer, prompts, responses, max_length)
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    scheduler = make_scheduler(optimizer, "cosine", max(1, steps // 20), steps)
+    model.train()
+    device = next(model.parameters()).device
+    losses = []
+    perm: list[int] = []
+    for _ in tqdm(range(steps), desc=desc, leave=False, disable=None):
+        if len(perm) < batch_size:
+            perm += torch.randperm(len(feats), generator=gen).tolist()
+        idx, perm = perm[:batch_size], perm[batch_size:]
+        batch = collate([feats[i] for i in idx], tokenizer.pad_token_id)
+        logps = forward_logps(model, batch, length_normalize=False)
+        loss = -logps.sum() / batch["loss_mask"][:, 1:].sum().clamp(min=1).to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+    model.eval()
+    return losses
