@@ -77,11 +77,11 @@ def _grad_at(theta: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor
     return grad
 
 
-def _minimise(loss_fn: Callable[[torch.Tensor], torch.Tensor], theta0: torch.Tensor) -> torch.Tensor:
-    """argmin over θ of loss_fn(log_softmax(θ)) by L-BFGS in float64 (strictly convex here: converges)."""
-    theta = theta0.clone().requires_grad_(True)
+def _lbfgs(param0: torch.Tensor, objective: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """argmin of a smooth convex objective by L-BFGS in float64, started at param0."""
+    param = param0.clone().requires_grad_(True)
     opt = torch.optim.LBFGS(
-        [theta],
+        [param],
         lr=1.0,
         max_iter=1000,
         tolerance_grad=1e-13,
@@ -91,12 +91,17 @@ def _minimise(loss_fn: Callable[[torch.Tensor], torch.Tensor], theta0: torch.Ten
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
-        loss = loss_fn(theta.log_softmax(dim=-1))
+        loss = objective(param)
         loss.backward()
         return loss
 
     opt.step(closure)
-    return theta.detach().softmax(dim=-1)
+    return param.detach()
+
+
+def _minimise(loss_fn: Callable[[torch.Tensor], torch.Tensor], theta0: torch.Tensor) -> torch.Tensor:
+    """The policy softmax(θ*) with θ* = argmin_θ loss_fn(log_softmax(θ)) (strictly convex up to θ + c)."""
+    return _lbfgs(theta0, lambda theta: loss_fn(theta.log_softmax(dim=-1))).softmax(dim=-1)
 
 
 def _tv(p: torch.Tensor, r: torch.Tensor) -> float:
@@ -198,30 +203,20 @@ def test_closed_form_needs_reachability() -> None:
     phi = torch.arange(5, dtype=DTYPE)  # (K,) one feature per response
     p_t = P_T[:1]  # (1, K) one prompt
     q = torch.ones(1, dtype=DTYPE)
-    reachable = closed_form_update(p_t, torch.ones_like(p_t), 0.0) * torch.exp(0.7 * phi)
+    reachable = p_t * torch.exp(0.7 * phi)
     reachable = reachable / reachable.sum()  # log(p_data/p_t) = 0.7 φ + c: in span{1, φ}
     unreachable = P_DATA[:1]  # log(P_DATA/P_T) is not affine in φ
+
+    def restricted_log_p(w: torch.Tensor) -> torch.Tensor:
+        return (p_t.log() + w * phi).log_softmax(dim=-1)  # (1, K) log p_w
 
     for p_data, in_class in ((reachable, True), (unreachable, False)):
 
         def loss_of_w(w: torch.Tensor, p_data: torch.Tensor = p_data) -> torch.Tensor:
-            log_p = (p_t.log() + w * phi).log_softmax(dim=-1)  # (1, K) the restricted policy
-            return population_loss(log_p, p_t, p_data, q, beta, "sigmoid")
+            return population_loss(restricted_log_p(w), p_t, p_data, q, beta, "sigmoid")
 
-        w = torch.zeros(1, dtype=DTYPE, requires_grad=True)
-        opt = torch.optim.LBFGS([w], max_iter=200, tolerance_grad=1e-13, line_search_fn="strong_wolfe")
-
-        def closure(
-            w: torch.Tensor = w, opt: torch.optim.LBFGS = opt, f: Callable = loss_of_w
-        ) -> torch.Tensor:
-            opt.zero_grad()
-            loss = f(w)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
-        best = (p_t.log() + w.detach() * phi).softmax(dim=-1)
-        gap = _tv(best, closed_form_update(p_t, p_data, 1.0 / beta))
+        w = _lbfgs(torch.zeros(1, dtype=DTYPE), loss_of_w)  # the global minimiser within the class
+        gap = _tv(restricted_log_p(w).exp(), closed_form_update(p_t, p_data, 1.0 / beta))
         assert (gap < 1e-3) if in_class else (gap > 0.02), (in_class, gap)
 
 
@@ -238,7 +233,12 @@ def test_iterating_exact_spin_steps_converges_iff_beta_above_half(beta: float, b
     distances = [_tv(p, P_DATA)]
     steps = 4 if behaviour == "converges" else 2
     for _ in range(steps):
-        p = _minimise(lambda lp, p_t=p: population_loss(lp, p_t, P_DATA, Q, beta, "sigmoid"), p.log())
+        opponent = p
+
+        def loss_fn(log_p: torch.Tensor, opponent: torch.Tensor = opponent) -> torch.Tensor:
+            return population_loss(log_p, opponent, P_DATA, Q, beta, "sigmoid")
+
+        p = _minimise(loss_fn, opponent.log())  # the exact SPIN step against the current opponent
         distances.append(_tv(p, P_DATA))
     if behaviour == "converges":
         assert distances[-1] < 0.5 * distances[0] and distances[-1] < distances[-2]

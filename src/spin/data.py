@@ -67,7 +67,9 @@ CANONICAL_COLUMNS = (
 )  # fmt: skip
 FILE_TYPES = (".jsonl", ".json", ".parquet", ".csv")
 _ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
-_MAP_HINT = "map your columns with data.columns (e.g. {prompt: question, response: answer}) or set data.format"
+_MAP_HINT = (
+    "map your columns with data.columns (e.g. {prompt: question, response: answer}) or set data.format"
+)
 Row = tuple[str, int, Any]  # (where, 1-based row or line number, raw row)
 
 
@@ -117,7 +119,7 @@ def load_sft_examples(cfg: DataConfig, seed: int = 0) -> tuple[list[Example], Da
             fmt = _detect_format(row, where)
         examples += _row_examples(row, where, number, fmt, cfg, pattern)
     if not examples:
-        raise SpinError(f"{source}: no usable rows (the dataset is empty); point data.path at a dataset with rows")
+        raise SpinError(f"{source}: no usable rows (the dataset is empty); point data.path at one with rows")
     stats.format = fmt or ""
     examples = _dedupe(examples, cfg.duplicates, stats)
     if cfg.max_samples is not None and cfg.max_samples < len(examples):
@@ -131,7 +133,9 @@ def load_sft_examples(cfg: DataConfig, seed: int = 0) -> tuple[list[Example], Da
 
 def _check_settings(cfg: DataConfig) -> None:
     if not cfg.path:
-        raise SpinError("data.path is not set; point it at a .jsonl/.json/.parquet/.csv file, a folder or a Hub id")
+        raise SpinError(
+            "data.path is not set; point it at a .jsonl/.json/.parquet/.csv file, a folder or Hub id"
+        )
     for name, value, choices in (
         ("format", cfg.format, ("auto", *FORMATS)),
         ("turns", cfg.turns, ("first", "all")),
@@ -157,7 +161,9 @@ def _compile_pattern(pattern: str | None) -> re.Pattern[str] | None:
     except re.error as e:
         raise SpinError(f"data.answer_pattern {pattern!r} is not a valid regex ({e})") from None
     if compiled.groups < 1:
-        raise SpinError(f"data.answer_pattern {pattern!r} needs a capturing group around the answer, e.g. '####\\s*(.+)$'")
+        raise SpinError(
+            f"data.answer_pattern {pattern!r} needs a (group) around the answer, e.g. '####\\s*(.+)$'"
+        )
     return compiled
 
 
@@ -199,82 +205,65 @@ def _open_source(cfg: DataConfig) -> tuple[str, Iterator[Row]]:
         readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows, ".csv": _csv_rows}
         suffix = path.suffix.lower()
         if suffix not in readers:
-            raise SpinError(f"{path}: unsupported data file type {suffix!r}; use one of {', '.join(FILE_TYPES)}")
+            raise SpinError(
+                f"{path}: unsupported data file type {suffix!r}; use one of {', '.join(FILE_TYPES)}"
+            )
         return str(path), readers[suffix](path)
     if path.is_dir():
         label = f"{path} (split {cfg.split})"
         return label, _dataset_rows(_load_folder(path, cfg.split), label)
     if _looks_like_path(cfg.path):
-        raise SpinError(f"data file not found: {cfg.path} (check data.path; a Hub dataset id looks like 'owner/name')")
+        raise SpinError(
+            f"data file not found: {cfg.path} (check data.path; a Hub id looks like 'owner/name')"
+        )
     label = f"{cfg.path} (split {cfg.split})"
     return label, _dataset_rows(_load_hub(cfg), label)
 
 
 def _looks_like_path(text: str) -> bool:
-    return (
-        text.lower().endswith(FILE_TYPES)
-        or text.startswith(("/", ".", "~", "\\"))
-        or text.count("/") > 1
-        or "\\" in text
-    )
+    return text.lower().endswith(FILE_TYPES) or text.startswith(("/", ".", "~")) or text.count("/") > 1
 
 
-def _decode(raw: bytes, where: str, offset: int) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise SpinError(
-            f"{where}: not valid UTF-8 (bad byte at offset {offset + e.start} of the file); re-save the file as UTF-8"
-        ) from None
-
-
-def _read_text(path: Path) -> str:
-    data = path.read_bytes()
+def _decode(data: bytes, path: Path, lineno: int = 0, offset: int = 0) -> str:
     try:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise SpinError(
-            f"{path}:{line}: not valid UTF-8 (bad byte at offset {e.start} of the file); re-save the file as UTF-8"
-        ) from None
+        line = lineno or data.count(b"\n", 0, e.start) + 1
+        msg = (
+            f"not valid UTF-8 (bad byte at offset {offset + e.start} of the file); re-save the file as UTF-8"
+        )
+        raise SpinError(f"{path}:{line}: {msg}") from None
 
 
-def _parse_json(text: str, where: str, what: str) -> Any:
+def _parse_json(text: str, path: Path, lineno: int = 0) -> Any:
+    what = "each line of a .jsonl file must be one JSON object" if lineno else "fix the file"
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise SpinError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); {what}") from None
+        raise SpinError(
+            f"{path}:{lineno or e.lineno}: not valid JSON ({e.msg} at column {e.colno}); {what}"
+        ) from None
     except (ValueError, RecursionError) as e:  # e.g. an integer too long to convert, absurd nesting
-        raise SpinError(f"{where}: not valid JSON ({_short(e)}); {what}") from None
+        raise SpinError(f"{path}:{lineno or 1}: not valid JSON ({_short(e)}); {what}") from None
 
 
 def _jsonl_rows(path: Path) -> Iterator[Row]:
     offset = 0
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
-            where = f"{path}:{lineno}"
-            text = _decode(raw, where, offset)
+            text = _decode(raw, path, lineno, offset)
             offset += len(raw)
-            if lineno == 1:
-                text = text.removeprefix("\ufeff")
             if text.strip():
-                yield where, lineno, _parse_json(text, where, "each line of a .jsonl file must be one JSON object")
+                yield f"{path}:{lineno}", lineno, _parse_json(text, path, lineno)
 
 
 def _json_rows(path: Path) -> Iterator[Row]:
-    text = _read_text(path)
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SpinError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno}); fix the file") from None
-    except (ValueError, RecursionError) as e:
-        raise SpinError(f"{path}: not valid JSON ({_short(e)}); fix the file") from None
+    value = _parse_json(_decode(path.read_bytes(), path), path)
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
     if not isinstance(value, list):
         raise SpinError(
-            f'{path}: expected a JSON list of rows or {{"data": [...]}}; got {_kind(value)} '
-            "(for one JSON object per line, name the file .jsonl)"
+            f'{path}: expected a JSON list of rows or {{"data": [...]}}; got {_kind(value)} (or use .jsonl)'
         )
     for i, row in enumerate(value, 1):
         yield f"{path} row {i}", i, row
@@ -282,7 +271,9 @@ def _json_rows(path: Path) -> Iterator[Row]:
 
 def _csv_rows(path: Path) -> Iterator[Row]:
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), restkey="_extra_fields")
+    reader = csv.DictReader(
+        io.StringIO(_decode(path.read_bytes(), path), newline=""), restkey="_extra_fields"
+    )
     try:
         for row in reader:
             yield f"{path}:{reader.line_num}", reader.line_num, row
@@ -314,7 +305,7 @@ def _load_folder(path: Path, split: str) -> Any:
             raise SpinError(f"{path}: not a readable `datasets` folder ({_short(e)}); re-save it") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise SpinError(f"{path}: no split '{split}' in this dataset folder; splits: {', '.join(ds)}; set data.split")
+                raise SpinError(f"{path}: no split '{split}' here; splits: {', '.join(ds)}; set data.split")
             ds = ds[split]
         return ds
     try:
@@ -354,7 +345,9 @@ def _dataset_rows(ds: Any, label: str) -> Iterator[Row]:
 def _row_examples(
     row: dict[str, Any], where: str, number: int, fmt: str, cfg: DataConfig, pattern: re.Pattern[str] | None
 ) -> list[Example]:
-    name = lambda canon: cfg.columns.get(canon, canon)  # noqa: E731 - the user's column name in messages
+    def name(canon: str) -> str:  # the user's column name, for messages
+        return cfg.columns.get(canon, canon)
+
     if fmt in ("messages", "sharegpt"):
         col = "messages" if fmt == "messages" else "conversations"
         conv = _conversation(_field(row, col, where, fmt, cfg.columns), where, name(col))
@@ -375,18 +368,20 @@ def _row_examples(
                 "pairs - fill it in or remove the row"
             )
         if not prompt[-1]["content"].strip():
-            raise SpinError(f"{where}: the user message before '{label}' is empty; fill it in or remove the row")
+            raise SpinError(
+                f"{where}: the user message before '{label}' is empty; fill it in or remove the row"
+            )
         if system and not any(m["role"] == "system" for m in prompt):
             prompt = [{"role": "system", "content": system}, *prompt]
         meta = {"source": cfg.path, "row": number, "turn": turn}
-        out.append(Example(prompt=prompt, response=response, reference=_reference(response, pattern), meta=meta))
+        out.append(Example(prompt, response, _reference(response, pattern), meta))
     return out
 
 
 def _field(row: dict[str, Any], canon: str, where: str, fmt: str, columns: dict[str, str]) -> Any:
     if canon in row:
         return row[canon]
-    what = f"column '{columns[canon]}' (mapped to '{canon}' by data.columns)" if canon in columns else f"field '{canon}'"
+    what = f"column '{columns[canon]}' (mapped to '{canon}')" if canon in columns else f"field '{canon}'"
     raise SpinError(f"{where}: no {what} for format {fmt}; columns found: {_columns(row)}; {_MAP_HINT}")
 
 
@@ -394,15 +389,18 @@ def _conversation(value: Any, where: str, label: str) -> list[Message]:
     if not isinstance(value, list):
         raise SpinError(f"{where}: field '{label}' must be a list of messages; got {_kind(value)}")
     if not value:
-        raise SpinError(f"{where}: field '{label}' is an empty list; give it at least a user and an assistant message")
+        raise SpinError(f"{where}: field '{label}' is an empty list; give it a user and an assistant message")
     return [_message(item, where, f"{label}[{i}]") for i, item in enumerate(value)]
 
 
 def _message(item: Any, where: str, label: str) -> Message:
     """A {role, content} (or sharegpt {from, value}) message, with role aliases normalised."""
     if not isinstance(item, dict):
-        raise SpinError(f"{where}: field '{label}' must be an object with role and content; got {_kind(item)}")
-    role_key, content_key = ("from", "value") if "from" in item and "role" not in item else ("role", "content")
+        raise SpinError(
+            f"{where}: field '{label}' must be an object with role and content; got {_kind(item)}"
+        )
+    sharegpt = "from" in item and "role" not in item
+    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
     role, content = item.get(role_key), item.get(content_key)
     if not isinstance(role, str):
         raise SpinError(f"{where}: field '{label}.{role_key}' must be a string; got {_kind(role)}")
@@ -418,7 +416,9 @@ def _message(item: Any, where: str, label: str) -> Message:
 
 def _turns(conv: list[Message], turns: str, where: str, label: str) -> list[tuple[list[Message], str, str]]:
     """(prompt, reply, field label) for the first (or every) assistant reply that follows a user message."""
-    targets = [i for i in range(1, len(conv)) if conv[i]["role"] == "assistant" and conv[i - 1]["role"] == "user"]
+    targets = [
+        i for i in range(1, len(conv)) if (conv[i - 1]["role"], conv[i]["role"]) == ("user", "assistant")
+    ]
     if not targets:
         raise SpinError(
             f"{where}: field '{label}' has no assistant reply following a user message; every row needs at "
@@ -467,7 +467,7 @@ def _alpaca(row: dict[str, Any], where: str, columns: dict[str, str]) -> tuple[l
     for c, v in values.items():
         if not isinstance(v, str) and not (c == "input" and v is None):
             raise SpinError(f"{where}: field '{columns.get(c, c)}' must be a string; got {_kind(v)}")
-    text = values["instruction"] if not (values["input"] or "").strip() else f"{values['instruction']}\n\n{values['input']}"
+    text = "\n\n".join(v for v in (values["instruction"], values["input"]) if v and v.strip())
     return [{"role": "user", "content": text}], values["output"], columns.get("output", "output")
 
 

@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny SFT model built in-process (no network), and a quick run config."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def make_tiny_sft_model(path: Path, task: str = "addition", steps: int = 150, seed: int = 0) -> Path:
+    """A 2-layer, hidden-32 character Llama, briefly SFT-trained on a built-in task, saved to `path`."""
+    from spin.modeling import build_char_tokenizer, build_tiny_model, save_model
+    from spin.tasks import get_task
+    from spin.train import sft_train
+
+    tok = build_char_tokenizer()
+    model = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=2, seed=seed)
+    make = get_task(task).make_examples
+    assert make is not None
+    examples = make(400, seed)
+    sft_train(
+        model,
+        tok,
+        [e.prompt for e in examples],
+        [e.response for e in examples],
+        steps=steps,
+        lr=3e-3,
+        batch_size=32,
+        seed=seed,
+    )
+    save_model(model, tok, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of a tiny SFT model on `addition` (built once per test session, ~3 s)."""
+    return make_tiny_sft_model(tmp_path_factory.mktemp("tiny") / "sft_model")
+
+
+@pytest.fixture(scope="session")
+def tiny_grammar_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of a tiny SFT model on the stochastic `grammar` task."""
+    return make_tiny_sft_model(tmp_path_factory.mktemp("tiny_grammar") / "sft_model", task="grammar")
+
+
+@pytest.fixture
+def quick_overrides() -> list[str]:
+    """Overrides that make a run take a few seconds on the tiny model."""
+    return [
+        "task=addition",
+        "data.num_examples=48",
+        "data.eval_size=16",
+        "generation.max_new_tokens=6",
+        "generation.batch_size=16",
+        "generation.shard_size=16",
+        "train.iterations=2",
+        "train.learning_rate=1e-3",
+        "train.optimizer=adamw",
+        "train.epochs=1",
+        "train.batch_size=8",
+        "train.max_length=48",
+        "train.save_steps=2",
+        "eval.batch_size=32",
+    ]
+
+
+@pytest.fixture
+def make_config(tiny_model_dir: Path, tmp_path: Path, quick_overrides: list[str]) -> Callable[..., object]:
+    """make_config(*overrides) -> SpinConfig for a quick run in tmp_path/run on the tiny model."""
+    from spin.config import load_config
+
+    def make(*overrides: str, output_dir: Path | None = None) -> object:
+        return load_config(
+            None,
+            [
+                *quick_overrides,
+                f"model.name_or_path={tiny_model_dir}",
+                f"output_dir={output_dir or tmp_path / 'run'}",
+                *overrides,
+            ],
+        )
+
+    return make
