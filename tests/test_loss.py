@@ -337,7 +337,6 @@ def test_spin_loss_equals_trl_dpo_loss_on_random_logps(loss_type: str, beta: flo
 def _tiny_llama(seed: int) -> Any:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=37,
         hidden_size=16,
@@ -347,7 +346,9 @@ def _tiny_llama(seed: int) -> Any:
         num_key_value_heads=2,
         max_position_embeddings=32,
     )
-    return LlamaForCausalLM(config).eval()
+    with torch.random.fork_rng():  # seeded weights without touching other tests' global RNG
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).eval()
 
 
 def test_sequence_logps_and_spin_loss_equal_trl_dpo_end_to_end() -> None:

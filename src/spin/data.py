@@ -5,8 +5,8 @@ opponent writes its own reply y' to each prompt and the main player learns to pr
 turns any common SFT layout into that contract, with one code path for every source and format:
 
 - sources: a local .jsonl / .json (a list of rows or {"data": [...]}) / .parquet / .csv file, a `datasets`
-  `save_to_disk` folder (a Dataset, or a DatasetDict read at `data.split`), a folder of data files, or a
-  Hub dataset id. Nothing is ever unpickled.
+  `save_to_disk` folder (a Dataset, or a DatasetDict read at `data.split`), or a Hub dataset id. Nothing
+  is ever unpickled.
 - formats (auto-detected from the columns after `data.columns` renames them; `data.format` forces one):
   `messages` (OpenAI / UltraChat: [{role, content}], optional system message), `sharegpt`
   (`conversations` of {from: human|gpt|system, value}), `prompt_completion` (TRL: `prompt` string or
@@ -116,7 +116,7 @@ def load_sft_examples(cfg: DataConfig, seed: int = 0) -> tuple[list[Example], Da
         stats.rows_read += 1
         row = _map_columns(raw, cfg.columns, where)
         if fmt is None:
-            fmt = _detect_format(row, where)
+            fmt = _detect_format(set(row) | set(cfg.columns), where, raw)
         examples += _row_examples(row, where, number, fmt, cfg, pattern)
     if not examples:
         raise SpinError(f"{source}: no usable rows (the dataset is empty); point data.path at one with rows")
@@ -133,21 +133,14 @@ def load_sft_examples(cfg: DataConfig, seed: int = 0) -> tuple[list[Example], Da
 
 def _check_settings(cfg: DataConfig) -> None:
     if not cfg.path:
-        raise SpinError(
-            "data.path is not set; point it at a .jsonl/.json/.parquet/.csv file, a folder or Hub id"
-        )
-    for name, value, choices in (
-        ("format", cfg.format, ("auto", *FORMATS)),
-        ("turns", cfg.turns, ("first", "all")),
-        ("duplicates", cfg.duplicates, ("keep", "drop")),
-    ):
-        if value not in choices:
-            raise SpinError(f"unknown data.{name} {value!r}; use one of {', '.join(choices)}")
+        raise SpinError("data.path is not set; point it at a data file, a dataset folder or a Hub id")
+    if cfg.format not in ("auto", *FORMATS):
+        raise SpinError(f"unknown data.format {cfg.format!r}; use one of auto, {', '.join(FORMATS)}")
     for canon, src in cfg.columns.items():
         if canon not in CANONICAL_COLUMNS:
+            names = ", ".join(CANONICAL_COLUMNS)
             raise SpinError(
-                f"data.columns key {canon!r} is not a canonical column; the mapping goes "
-                f"{{canonical: your column}} with canonical one of {', '.join(CANONICAL_COLUMNS)}"
+                f"data.columns key {canon!r} is not one of {names}; it maps {{canonical: your column}}"
             )
         if not isinstance(src, str):
             raise SpinError(f"data.columns.{canon} must be a column name (a string); got {src!r}")
@@ -161,9 +154,7 @@ def _compile_pattern(pattern: str | None) -> re.Pattern[str] | None:
     except re.error as e:
         raise SpinError(f"data.answer_pattern {pattern!r} is not a valid regex ({e})") from None
     if compiled.groups < 1:
-        raise SpinError(
-            f"data.answer_pattern {pattern!r} needs a (group) around the answer, e.g. '####\\s*(.+)$'"
-        )
+        raise SpinError(f"data.answer_pattern {pattern!r} needs a (group) around the answer: '####\\s*(.+)$'")
     return compiled
 
 
@@ -179,17 +170,18 @@ def _map_columns(raw: Any, columns: dict[str, str], where: str) -> dict[str, Any
     return row
 
 
-def _detect_format(row: dict[str, Any], where: str) -> str:
-    if "messages" in row:
+def _detect_format(names: set[str], where: str, raw: dict[str, Any]) -> str:
+    """The format from the canonical names a row has (or that data.columns maps onto)."""
+    if "messages" in names:
         return "messages"
-    if "conversations" in row:
+    if "conversations" in names:
         return "sharegpt"
-    if "prompt" in row and ("completion" in row or "response" in row):
+    if "prompt" in names and ("completion" in names or "response" in names):
         return "prompt_completion"
-    if "instruction" in row and "output" in row:
+    if "instruction" in names and "output" in names:
         return "alpaca"
     raise SpinError(
-        f"{where}: cannot tell the data format from the columns found ({_columns(row)}); expected messages, "
+        f"{where}: cannot tell the data format from the columns found ({_columns(raw)}); expected messages, "
         f"conversations, prompt + completion/response, or instruction + output; {_MAP_HINT}"
     )
 
@@ -205,17 +197,13 @@ def _open_source(cfg: DataConfig) -> tuple[str, Iterator[Row]]:
         readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows, ".csv": _csv_rows}
         suffix = path.suffix.lower()
         if suffix not in readers:
-            raise SpinError(
-                f"{path}: unsupported data file type {suffix!r}; use one of {', '.join(FILE_TYPES)}"
-            )
+            raise SpinError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_TYPES)}")
         return str(path), readers[suffix](path)
     if path.is_dir():
         label = f"{path} (split {cfg.split})"
         return label, _dataset_rows(_load_folder(path, cfg.split), label)
     if _looks_like_path(cfg.path):
-        raise SpinError(
-            f"data file not found: {cfg.path} (check data.path; a Hub id looks like 'owner/name')"
-        )
+        raise SpinError(f"data file not found: {cfg.path} (check data.path; Hub ids look like 'owner/name')")
     label = f"{cfg.path} (split {cfg.split})"
     return label, _dataset_rows(_load_hub(cfg), label)
 
@@ -229,9 +217,7 @@ def _decode(data: bytes, path: Path, lineno: int = 0, offset: int = 0) -> str:
         return data.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as e:
         line = lineno or data.count(b"\n", 0, e.start) + 1
-        msg = (
-            f"not valid UTF-8 (bad byte at offset {offset + e.start} of the file); re-save the file as UTF-8"
-        )
+        msg = f"not valid UTF-8 (bad byte at offset {offset + e.start} of the file); re-save it as UTF-8"
         raise SpinError(f"{path}:{line}: {msg}") from None
 
 
@@ -240,9 +226,8 @@ def _parse_json(text: str, path: Path, lineno: int = 0) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise SpinError(
-            f"{path}:{lineno or e.lineno}: not valid JSON ({e.msg} at column {e.colno}); {what}"
-        ) from None
+        msg = f"not valid JSON ({e.msg} at column {e.colno}); {what}"
+        raise SpinError(f"{path}:{lineno or e.lineno}: {msg}") from None
     except (ValueError, RecursionError) as e:  # e.g. an integer too long to convert, absurd nesting
         raise SpinError(f"{path}:{lineno or 1}: not valid JSON ({_short(e)}); {what}") from None
 
@@ -262,18 +247,15 @@ def _json_rows(path: Path) -> Iterator[Row]:
     if isinstance(value, dict) and isinstance(value.get("data"), list):
         value = value["data"]
     if not isinstance(value, list):
-        raise SpinError(
-            f'{path}: expected a JSON list of rows or {{"data": [...]}}; got {_kind(value)} (or use .jsonl)'
-        )
+        raise SpinError(f'{path}: expected a JSON list of rows or {{"data": [...]}}; got {_kind(value)}')
     for i, row in enumerate(value, 1):
         yield f"{path} row {i}", i, row
 
 
 def _csv_rows(path: Path) -> Iterator[Row]:
     csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
-    reader = csv.DictReader(
-        io.StringIO(_decode(path.read_bytes(), path), newline=""), restkey="_extra_fields"
-    )
+    text = _decode(path.read_bytes(), path)
+    reader = csv.DictReader(io.StringIO(text, newline=""), restkey="_extra_fields")
     try:
         for row in reader:
             yield f"{path}:{reader.line_num}", reader.line_num, row
@@ -298,23 +280,17 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
 def _load_folder(path: Path, split: str) -> Any:
     import datasets
 
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except Exception as e:  # any failure of a third-party loader is a data problem for the user
-            raise SpinError(f"{path}: not a readable `datasets` folder ({_short(e)}); re-save it") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise SpinError(f"{path}: no split '{split}' here; splits: {', '.join(ds)}; set data.split")
-            ds = ds[split]
-        return ds
+    if not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        raise SpinError(f"{path}: not a `datasets` save_to_disk folder (no state.json or dataset_dict.json)")
     try:
-        return datasets.load_dataset(str(path), split=split)
-    except Exception as e:
-        raise SpinError(
-            f"could not load folder {path} as a dataset ({_short(e)}); expected a `datasets` save_to_disk folder "
-            f"or a folder of {'/'.join(FILE_TYPES)} files"
-        ) from None
+        ds = datasets.load_from_disk(str(path))
+    except Exception as e:  # any failure of a third-party loader is a data problem for the user
+        raise SpinError(f"{path}: not a readable `datasets` folder ({_short(e)}); re-save it") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise SpinError(f"{path}: no split '{split}' here; splits: {', '.join(ds)}; set data.split")
+        ds = ds[split]
+    return ds
 
 
 def _load_hub(cfg: DataConfig) -> Any:
@@ -363,13 +339,11 @@ def _row_examples(
     out = []
     for turn, (prompt, response, label) in enumerate(targets):
         if not response.strip():
-            raise SpinError(
-                f"{where}: field '{label}' (the real response) is empty; it would be the chosen side of SPIN "
-                "pairs - fill it in or remove the row"
-            )
+            msg = "it would be the chosen side of SPIN pairs; fill it in or remove the row"
+            raise SpinError(f"{where}: field '{label}' (the real response) is empty; {msg}")
         if not prompt[-1]["content"].strip():
             raise SpinError(
-                f"{where}: the user message before '{label}' is empty; fill it in or remove the row"
+                f"{where}: the user message before '{label}' is empty; fill it in or drop the row"
             )
         if system and not any(m["role"] == "system" for m in prompt):
             prompt = [{"role": "system", "content": system}, *prompt]
@@ -389,16 +363,16 @@ def _conversation(value: Any, where: str, label: str) -> list[Message]:
     if not isinstance(value, list):
         raise SpinError(f"{where}: field '{label}' must be a list of messages; got {_kind(value)}")
     if not value:
-        raise SpinError(f"{where}: field '{label}' is an empty list; give it a user and an assistant message")
+        raise SpinError(
+            f"{where}: field '{label}' is an empty list of messages; fill it in or remove the row"
+        )
     return [_message(item, where, f"{label}[{i}]") for i, item in enumerate(value)]
 
 
 def _message(item: Any, where: str, label: str) -> Message:
     """A {role, content} (or sharegpt {from, value}) message, with role aliases normalised."""
     if not isinstance(item, dict):
-        raise SpinError(
-            f"{where}: field '{label}' must be an object with role and content; got {_kind(item)}"
-        )
+        raise SpinError(f"{where}: field '{label}' must be an object {{role, content}}; got {_kind(item)}")
     sharegpt = "from" in item and "role" not in item
     role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
     role, content = item.get(role_key), item.get(content_key)
@@ -457,7 +431,7 @@ def _prompt_completion(
         if len(reply) == 1 and reply[0]["role"] == "assistant":
             return prompt, reply[0]["content"], f"{name}[0].content"
     raise SpinError(
-        f"{where}: field '{name}' must be a string or a list holding one assistant message; got {_kind(value)}"
+        f"{where}: field '{name}' must be a string or [one assistant message]; got {_kind(value)}"
     )
 
 
@@ -501,7 +475,7 @@ def _kind(value: Any) -> str:
 
 
 def _columns(row: dict[str, Any]) -> str:
-    names = [str(k) for k in row]
+    names = [str(k).replace("\n", "\\n") for k in row]
     return ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "") or "none"
 
 
@@ -571,7 +545,8 @@ def _truncate(
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    return system + [{"role": "user", "content": text[hi:]}] if hi < len(text) else None
+    kept = text[hi:].lstrip()  # a cut mid-text starts cleanly
+    return system + [{"role": "user", "content": kept}] if kept else None
 
 
 def split_holdout(examples: list[Example], eval_size: int, seed: int) -> tuple[list[Example], list[Example]]:

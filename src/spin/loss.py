@@ -37,9 +37,10 @@ How it departs from the paper
 How to run
 ----------
     from spin.loss import sequence_logps, spin_loss
-    logps = sequence_logps(model(input_ids).logits, input_ids, loss_mask)             # (2B,) real then generated
+    # input_ids, attention_mask, loss_mask: (2B, T), the B real rows then the B generated rows
+    logps = sequence_logps(model(input_ids, attention_mask=attention_mask).logits, input_ids, loss_mask)
     with torch.no_grad():
-        opp = sequence_logps(opponent(input_ids).logits, input_ids, loss_mask)        # (2B,)
+        opp = sequence_logps(opponent(input_ids, attention_mask=attention_mask).logits, input_ids, loss_mask)
     out = spin_loss(*logps.chunk(2), *opp.chunk(2), beta=0.1)
     out.losses.mean().backward()
 
@@ -105,16 +106,16 @@ def spin_loss(
         if t.shape != shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, policy_real_logps has {tuple(shape)}")
 
-    # z = β log p_θ(y|x)/p_θt(y|x) − β log p_θ(y'|x)/p_θt(y'|x)                        # (B,)
+    # z = β log p_θ(y|x)/p_θt(y|x) − β log p_θ(y'|x)/p_θt(y'|x), the argument of ℓ; all shapes (B,)
     z = beta * (
         (policy_real_logps - opponent_real_logps) - (policy_generated_logps - opponent_generated_logps)
     )
     if loss_type == "sigmoid":
-        losses = -F.logsigmoid(z)  # ℓ(t) = log(1 + exp(−t)), the paper's logistic loss     # (B,)
+        losses = -F.logsigmoid(z)  # ℓ(t) = log(1 + exp(−t)), the paper's logistic loss
     elif loss_type == "hinge":
-        losses = torch.relu(1.0 - z)  # ℓ(t) = max(0, 1 − t)                                   # (B,)
+        losses = torch.relu(1.0 - z)  # ℓ(t) = max(0, 1 − t)
     else:
-        losses = torch.exp(-z)  # ℓ(t) = exp(−t)                                              # (B,)
+        losses = torch.exp(-z)  # ℓ(t) = exp(−t)
 
     # Implicit rewards (the main player f_{t+1}(x, y) = β log p_θ(y|x)/p_θt(y|x)), for logging only.
     real_rewards = beta * (policy_real_logps - opponent_real_logps).detach()  # (B,)
@@ -154,6 +155,7 @@ def sequence_logps(
 
     Memory: only the M scored positions go through the softmax, in fp32, via `F.cross_entropy` on an
     (M, V) slice; no fp32 copy of the whole (B, T, V) logits and no separate log_softmax + gather.
+    (The boolean selection costs one host-device sync per call on GPU.)
     """
     _check_token_shapes(logits, labels, loss_mask)
     mask = loss_mask[:, 1:].bool()  # (B, T-1): which next-token predictions are response tokens
