@@ -8,6 +8,13 @@
     spin demo [--output-dir DIR] [--seed N]                   tiny model, built-in task, no download
 
 Errors a user can fix print one line (`spin: error: ...`) and exit with status 2; `--debug` shows the trace.
+Besides `SpinError`, an OSError from anywhere (a full disk, a folder that cannot be written) and running out
+of memory are such errors: the run folder keeps everything finished so far, and the same command resumes.
+
+Network: nothing is contacted except the Hub ids the user names (model, data, lm-eval tasks); a local model
+folder is read from disk (tests/test_determinism.py runs with sockets blocked). Telemetry is off
+(`HF_HUB_DISABLE_TELEMETRY=1` unless set). `HF_HUB_OFFLINE` is left to the user: forcing it would break a
+Hub dataset named next to a local model.
 """
 
 from __future__ import annotations
@@ -191,15 +198,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error(e: BaseException) -> str | None:
+    """The one-line message for an error the user can fix, or None for a bug (which keeps its traceback)."""
+    if isinstance(e, OSError) and not isinstance(e, SpinError):
+        from spin.io import os_error_message
+
+        e = os_error_message(None, e, verb="use")
+    elif isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+        e = SpinError(
+            f"out of memory: {first[:200]}",
+            hint="lower generation.batch_size, eval.batch_size or train.batch_size, then rerun to resume",
+        )
+    if not isinstance(e, SpinError):
+        return None
+    return " ".join(str(e).split())  # exactly one line, whatever the message held
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.debug)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         args.fn(args)
-    except SpinError as e:
-        if args.debug:
+    except (SpinError, OSError, MemoryError, RuntimeError) as e:
+        message = _user_error(e)
+        if args.debug or message is None:
             raise
-        print(f"spin: error: {e}", file=sys.stderr)
+        print(f"spin: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("spin: interrupted; run the same command again to resume", file=sys.stderr)

@@ -137,7 +137,9 @@ class GenerationConfig:
         "Extra strings that end a response (the end-of-turn token always does).", factory=list
     )
     engine: str = _help(
-        "auto (measure and pick), generate (batched HF generate), continuous (paged attention).", "auto"
+        "auto (time each engine once, use the fastest), refill (spin's loop: finished rows leave, new prompts "
+        "fill their slots), generate (batched HF generate), continuous (HF paged-attention continuous batching).",
+        "auto",
     )
 
     def __post_init__(self) -> None:
@@ -147,7 +149,7 @@ class GenerationConfig:
         _check(self.max_new_tokens > 0, "generation.max_new_tokens", "must be > 0")
         _check(self.batch_size > 0, "generation.batch_size", "must be > 0")
         _check(self.shard_size > 0, "generation.shard_size", "must be > 0")
-        _one_of(self.engine, "generation.engine", ("auto", "generate", "continuous"))
+        _one_of(self.engine, "generation.engine", ("auto", "refill", "generate", "continuous"))
 
 
 @dataclass

@@ -1,7 +1,22 @@
 """Crash-safe files: every write goes to a temporary name and is renamed into place, so a file either
 exists whole or not at all; a stage is marked done by a marker file written after all its outputs.
 
-A full disk or an unwritable folder becomes a one-line `SpinError` naming the path.
+    atomic_write_text(path, text)      path.tmp + fsync + os.replace (+ fsync of the folder)
+    write_json / write_jsonl           the same, for JSON and JSON lines
+    append_jsonl / read_jsonl_tolerant logs only: a torn last line left by a kill is skipped when read
+    trim_log(path, step)               drop log rows past a trainer checkpoint (no repeats on resume)
+    mark_done / is_done                `.STAGE.done` markers
+    fault_point(event)                 a test hook: SIGKILL this process at the n-th `event` (see below)
+
+A full disk, an unwritable folder or a file standing where a folder should be becomes a one-line `SpinError`
+naming the path; the temporary file is removed and the earlier version of the file is left untouched.
+
+Fault injection: `SPIN_FAULT_AFTER=event:n[,event:n...]` makes the process kill itself with SIGKILL (no
+cleanup, no exception handlers: as `kill -9` or a lost machine) at the n-th occurrence of `event`. The events
+are `write` (inside `atomic_write_text`, after the temporary file is complete but before the rename),
+`stage` (right after a stage marker), `shard` (after a generation shard is on disk), `train_step` (after an
+optimizer step is logged, before its checkpoint is saved) and `checkpoint_swap` (half way through replacing
+the trainer checkpoint). tests/test_faults.py uses it to kill real `spin run` processes in every phase.
 """
 
 from __future__ import annotations
@@ -9,21 +24,59 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from spin.errors import SpinError
 
+FAULT_ENV = "SPIN_FAULT_AFTER"
+_fault_counts: Counter[str] = Counter()
 
-def _os_error(path: Path, e: OSError) -> SpinError:
-    if e.errno == errno.ENOSPC:
+
+def fault_point(event: str) -> None:
+    """SIGKILL this process at the n-th `event` when SPIN_FAULT_AFTER asks for it (a no-op otherwise)."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    _fault_counts[event] += 1
+    for item in spec.split(","):
+        name, _, n = item.strip().partition(":")
+        if name == event and n.strip().isdigit() and _fault_counts[event] == int(n):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def os_error_message(path: Path | str | None, e: OSError, verb: str = "write") -> SpinError:
+    """The one-line SpinError for an OSError met while writing (`verb`) `path` (default: e.filename)."""
+    where = path if path is not None else (e.filename or "a file")
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return SpinError(
-            f"no space left on device while writing {path}", hint="free disk space, then rerun to resume"
+            f"no space left on device while writing {where}", hint="free disk space, then rerun to resume"
         )
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return SpinError(f"cannot write {path}: permission denied", hint="choose a writable output_dir")
-    return SpinError(f"cannot write {path}: {e.strerror or e}")
+        return SpinError(f"cannot {verb} {where}: permission denied", hint="choose a writable output_dir")
+    if e.errno in (errno.ENOTDIR, errno.EEXIST):
+        return SpinError(
+            f"cannot {verb} {where}: a file stands where a folder is needed",
+            hint="choose an output_dir whose parents are folders",
+        )
+    return SpinError(f"cannot {verb} {where}: {e.strerror or e}")
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable (best effort: not every file system lets a folder be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -36,13 +89,15 @@ def atomic_write_text(path: Path, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        fault_point("write")
         os.replace(tmp, path)
     except OSError as e:
         try:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        raise _os_error(path, e) from None
+        raise os_error_message(path, e) from None
+    _fsync_dir(path.parent)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -70,7 +125,7 @@ def append_jsonl(path: Path, row: dict[str, Any]) -> None:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, default=_jsonable) + "\n")
     except OSError as e:
-        raise _os_error(Path(path), e) from None
+        raise os_error_message(Path(path), e) from None
 
 
 def read_jsonl_tolerant(path: Path) -> list[dict[str, Any]]:
@@ -78,7 +133,7 @@ def read_jsonl_tolerant(path: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     if not Path(path).exists():
         return rows
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
@@ -86,8 +141,27 @@ def read_jsonl_tolerant(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def trim_log(path: Path, last_step: int) -> None:
+    """Keep only the rows of a training log with `step <= last_step` (none when 0), rewritten atomically.
+
+    Called when training resumes from the checkpoint of `last_step`: rows logged after that checkpoint by
+    the stopped process are logged again by the resumed one, so keeping them would repeat them.
+    """
+    path = Path(path)
+    if not path.exists():
+        return
+    if last_step <= 0:
+        path.unlink()
+        return
+    rows = [
+        r for r in read_jsonl_tolerant(path) if isinstance(r, dict) and int(r.get("step", 0)) <= last_step
+    ]
+    write_jsonl(path, rows)
+
+
 def mark_done(stage_dir: Path, stage: str) -> None:
     atomic_write_text(Path(stage_dir) / f".{stage}.done", "ok\n")
+    fault_point("stage")
 
 
 def is_done(stage_dir: Path, stage: str) -> bool:
@@ -99,11 +173,11 @@ def check_writable(path: Path) -> None:
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write_test"
+        probe = path / f".write_test.{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise _os_error(path, e) from None
+        raise os_error_message(path, e) from None
 
 
 def _jsonable(o: Any) -> Any:

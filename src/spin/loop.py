@@ -12,7 +12,9 @@ Run folder: `config.yaml`, `summary.json`, `report.html` at the root; `iteration
 shards, `pairs.jsonl`, `model/` (a Hugging Face checkpoint), `train_log.jsonl`, `metrics.json`,
 `samples.jsonl`, `eval_state.json`. Every stage writes its outputs atomically and then a `.STAGE.done`
 marker, so `spin run` on an existing folder resumes after the last finished stage (and, inside
-generation and training, after the last finished shard or trainer checkpoint).
+generation and training, after the last finished shard or trainer checkpoint). Before anything runs, the
+folder is locked (`.lock`), a changed config is refused and a killed process's leftovers are repaired
+(spin.resume); `config.yaml` is written only once the model's tokenizer and the data have loaded.
 
 The same model object is the opponent (it generates and scores) and then the main player (it is trained in
 place), so at most one model is ever in memory. Iteration numbering: iteration 0 is the starting model;
@@ -22,6 +24,7 @@ iteration t is the model after t SPIN rounds, trained with the schedules' t-th e
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -30,11 +33,20 @@ from spin.config import SpinConfig, config_to_yaml, scheduled
 from spin.data import Example
 from spin.errors import SpinError
 from spin.evaluate import EvalState, evaluate_model, primary_metric
-from spin.io import check_writable, is_done, mark_done, read_json, read_jsonl, write_json, write_jsonl
+from spin.io import (
+    atomic_write_text,
+    check_writable,
+    is_done,
+    mark_done,
+    read_json,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 from spin.modeling import encode, load_model, load_tokenizer, render_prompt
 from spin.opponent import make_iteration_pairs
 from spin.pairs import pair_stats
-from spin.resume import check_resume_config
+from spin.resume import CHECKPOINT, RunLock, check_resume_config, tidy_run_folder, train_finished
 from spin.train import make_accelerator, train_iteration
 
 log = logging.getLogger("spin")
@@ -106,32 +118,45 @@ def should_stop(history: list[dict[str, Any]], primary: str, cfg: SpinConfig) ->
 
 
 def run(cfg: SpinConfig, force: bool = False, accelerator: Any = None) -> dict[str, Any]:
-    """Play the whole game; returns the summary (also written to `output_dir/summary.json`)."""
-    from spin.logging_utils import IterationLogger, print_iteration
-    from spin.report import write_report
+    """Play the whole game; returns the summary (also written to `output_dir/summary.json`).
 
+    On an existing run folder: refuse a config that would change its results (unless `force`), repair what
+    a killed process left, and continue after the last finished stage. One run per folder at a time.
+    """
     if cfg.model.name_or_path is None:
         raise SpinError(
             "model.name_or_path is not set", hint="give the starting SFT model's folder or Hub id"
         )
     run_dir = Path(cfg.output_dir)
     accelerator = accelerator or make_accelerator(cfg.train)
+    if accelerator.is_main_process:
+        check_writable(run_dir)
+    with RunLock(run_dir, enabled=accelerator.is_main_process):
+        return _play(cfg, force, accelerator, run_dir, cfg.model.name_or_path)
+
+
+def _play(cfg: SpinConfig, force: bool, accelerator: Any, run_dir: Path, start: str) -> dict[str, Any]:
+    from spin.logging_utils import IterationLogger, print_iteration
+
     main = accelerator.is_main_process
     if main:
-        check_writable(run_dir)
         check_resume_config(run_dir, cfg, force)
-        (run_dir / "config.yaml").write_text(config_to_yaml(cfg), encoding="utf-8")
+        tidy_run_folder(run_dir)
     accelerator.wait_for_everyone()
 
-    tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model)
+    tokenizer = load_tokenizer(start, cfg.model)
     train_examples, held_out, data_stats = load_examples(cfg, tokenizer)
+    if main:  # only once the inputs are known to be good: a bad input leaves an existing folder untouched
+        atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
     primary = primary_metric(cfg, held_out or train_examples)
     loggers = IterationLogger(run_dir, cfg.report_to, enabled=main)
     log.info(
         "%d training prompts, %d held out; primary metric: %s", len(train_examples), len(held_out), primary
     )
 
-    model_path: str | Path = cfg.model.name_or_path
+    model_path: str | Path = start
+    # QLoRA: every stage uses the 4-bit model, so the reference scores the weights training starts from.
+    qlora = cfg.train.lora.enabled and cfg.train.lora.load_in_4bit
     history: list[dict[str, Any]] = []
     stop_reason: str | None = None
     state: EvalState | None = None
@@ -139,7 +164,7 @@ def run(cfg: SpinConfig, force: bool = False, accelerator: Any = None) -> dict[s
         it_dir = run_dir / f"iteration_{t}"
         it_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        model = load_model(model_path, cfg.model, device=accelerator.device)
+        model = load_model(model_path, cfg.model, device=accelerator.device, load_in_4bit=qlora)
         if t >= 1:
             if not is_done(it_dir, "pairs"):
                 # Opponent p_{t-1}: one sample per training prompt, then the reference log-probs of both sides.
@@ -150,7 +175,7 @@ def run(cfg: SpinConfig, force: bool = False, accelerator: Any = None) -> dict[s
                     mark_done(it_dir, "pairs")
                 accelerator.wait_for_everyone()
             pairs = list(read_jsonl(it_dir / "pairs.jsonl"))
-            if not is_done(it_dir, "train"):
+            if not train_finished(it_dir):
                 # Main player p_t, initialised from p_{t-1} (the same weights), trained in place.
                 train_iteration(
                     model,
@@ -160,26 +185,38 @@ def run(cfg: SpinConfig, force: bool = False, accelerator: Any = None) -> dict[s
                     iteration=t,
                     run_seed=cfg.seed,
                     log_dir=it_dir,
-                    checkpoint_dir=it_dir / "trainer_checkpoint",
+                    checkpoint_dir=it_dir / CHECKPOINT,
                     accelerator=accelerator,
                     writer=loggers.writer(t),
                     save_dir=it_dir / "model",
                 )
-                if main:
-                    mark_done(it_dir, "train")
-                accelerator.wait_for_everyone()
+            if main and not is_done(it_dir, "train"):
+                # Also reached when a process died after saving the model but before writing the marker.
+                shutil.rmtree(it_dir / CHECKPOINT, ignore_errors=True)
+                mark_done(it_dir, "train")
+            accelerator.wait_for_everyone()
             # Reload what was saved, so a resumed run and an uninterrupted one evaluate the same weights.
             del model
             accelerator.free_memory()
             model_path = it_dir / "model"
-            model = load_model(model_path, cfg.model, device=accelerator.device)
-        if is_done(it_dir, "eval"):
+            model = load_model(model_path, cfg.model, device=accelerator.device, load_in_4bit=qlora)
+        # Every rank decides before rank 0 can write the marker (evaluation has no collective to hold it):
+        # a lagging rank that saw the marker would skip the barrier below and desynchronise the others.
+        eval_done = is_done(it_dir, "eval")
+        accelerator.wait_for_everyone()
+        if eval_done:
             metrics = read_json(it_dir / "metrics.json")
             state = EvalState(**read_json(it_dir / "eval_state.json"))
         else:
             metrics, state, samples = evaluate_model(model, tokenizer, held_out, cfg, t, state)
             if t >= 1:
                 metrics.update({f"pairs_{k}": v for k, v in read_json(it_dir / "pair_stats.json").items()})
+            if cfg.eval.lm_eval_tasks:  # optional benchmarks (spin[lmeval]); iteration 0 fails fast on a typo
+                from spin.lm_eval_hook import run_lm_eval
+
+                e = cfg.eval
+                args = (e.lm_eval_tasks, e.lm_eval_include_path, e.lm_eval_limit, e.batch_size)
+                metrics.update(run_lm_eval(model_path, *args, model=model, tokenizer=tokenizer))
             metrics["seconds"] = time.perf_counter() - t0
             if main:
                 write_json(it_dir / "eval_state.json", state.to_dict())
@@ -190,6 +227,10 @@ def run(cfg: SpinConfig, force: bool = False, accelerator: Any = None) -> dict[s
                     from spin.cards import write_model_card
 
                     write_model_card(it_dir / "model", cfg, t, metrics)
+                    if cfg.push_to_hub:  # before the marker: a failed push is retried on resume
+                        from spin.hub import push_iteration
+
+                        push_iteration(run_dir, t, cfg.push_to_hub)
                 mark_done(it_dir, "eval")
             accelerator.wait_for_everyone()
         history.append(metrics)
@@ -203,6 +244,8 @@ def run(cfg: SpinConfig, force: bool = False, accelerator: Any = None) -> dict[s
         stop_reason = f"played all {cfg.train.iterations} iterations"
     summary = _summary(run_dir, cfg, primary, data_stats, stop_reason)
     if main:
+        from spin.report import write_report
+
         write_json(run_dir / "summary.json", summary)
         loggers.close()
         write_report(run_dir)

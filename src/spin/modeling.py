@@ -122,9 +122,16 @@ def load_tokenizer(path: str | Path, cfg: ModelConfig) -> PreTrainedTokenizerBas
 
 
 def load_model(
-    path: str | Path, cfg: ModelConfig, device: torch.device | None = None, dtype: torch.dtype | None = None
+    path: str | Path,
+    cfg: ModelConfig,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    load_in_4bit: bool = False,
 ) -> Any:
-    """Load a causal LM from a folder or Hub id as safetensors, on `device` (default: CUDA if present)."""
+    """Load a causal LM from a folder or Hub id as safetensors, on `device` (default: CUDA if present).
+
+    `load_in_4bit` (QLoRA): NF4 weights with double quantization and bf16 compute, via bitsandbytes; CUDA only.
+    """
     device = device or default_device()
     dtype = dtype or resolve_dtype(cfg.dtype, device)
     kwargs: dict[str, Any] = {
@@ -136,6 +143,8 @@ def load_model(
         kwargs["revision"] = cfg.revision
     if cfg.attn_implementation is not None:
         kwargs["attn_implementation"] = cfg.attn_implementation
+    if load_in_4bit:
+        kwargs.update(_four_bit_kwargs(device))
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except Exception as e:  # noqa: BLE001
@@ -144,7 +153,36 @@ def load_model(
             f"could not load a model from '{path}': {type(e).__name__}: {first}",
             hint="a Hugging Face causal-LM folder with config.json and *.safetensors, or a Hub id, is expected",
         ) from None
+    if load_in_4bit:
+        return model  # placed by device_map; a 4-bit model cannot be moved with .to()
     return model.to(device)  # type: ignore[arg-type]
+
+
+def _four_bit_kwargs(device: torch.device) -> dict[str, Any]:
+    """from_pretrained arguments for a QLoRA base: NF4, double quantization, bf16 compute, on `device`."""
+    import importlib.util
+
+    if device.type != "cuda":
+        raise SpinError(
+            f"train.lora.load_in_4bit (QLoRA) needs a CUDA GPU; this process runs on {device.type}",
+            hint="set train.lora.load_in_4bit=false to train plain LoRA adapters on CPU",
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise SpinError(
+            "train.lora.load_in_4bit (QLoRA) needs the bitsandbytes package",
+            hint="pip install bitsandbytes, or set train.lora.load_in_4bit=false",
+        )
+    from transformers import BitsAndBytesConfig
+
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        ),
+        "device_map": {"": device},
+    }
 
 
 def save_model(model: Any, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:

@@ -1,14 +1,33 @@
-"""Resuming a run folder: refuse a changed config that would change results.
+"""Resuming a run folder: refuse a changed config, repair what a kill left behind, one run per folder.
 
-`spin run` on an existing folder continues where it stopped (see loop.py for the stage markers). If the
-folder's `config.yaml` differs from the new config in a field that changes results (model, data, sampling,
-training), the run is refused with the list of differing fields; `--force` overrides. Fields that only
-change bookkeeping (logging, how many iterations to play, stopping) may change freely.
+`spin run` on an existing folder continues where it stopped (loop.py's stage markers `.pairs.done`,
+`.train.done`, `.eval.done`; inside generation the shard files; inside training the trainer checkpoint).
+
+- `check_resume_config`: if the folder's `config.yaml` differs from the new config in a field that changes
+  results (model, data, sampling, training), the run is refused with the list of differing fields; `--force`
+  overrides. Fields that only change bookkeeping (logging, how many iterations to play, stopping) may
+  change freely.
+- `tidy_run_folder`: a killed process may leave `*.tmp` files and folders (a write that never reached its
+  rename) and, if it died half way through replacing a trainer checkpoint, `trainer_checkpoint.tmp` /
+  `.old` instead of `trainer_checkpoint`. The complete one is put back in place and the rest removed.
+- `train_finished`: the trained model is renamed into `iteration_t/model` whole, so its presence means the
+  stage finished even if the process died before writing `.train.done`.
+- `RunLock`: an exclusive `flock` on `RUN_DIR/.lock`, so two `spin run` on one folder cannot interleave
+  their writes; the kernel drops it when the holder dies, even by SIGKILL.
+
+Safety of what resuming loads: model weights are safetensors only (`modeling.load_model` passes
+`use_safetensors=True`; the trainer checkpoint's model is `model.safetensors`). The optimizer state and RNG
+states in the trainer checkpoint are torch files, which accelerate's `load_state` reads with
+`torch.load(weights_only=True)` (tensors and plain containers only, no arbitrary pickled objects);
+tests/test_resume.py checks this.
 """
 
 from __future__ import annotations
 
+import fcntl
+import shutil
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 import yaml
@@ -29,6 +48,7 @@ HARMLESS = (
     "eval.lm_eval",
     "generation.engine",
 )
+CHECKPOINT = "trainer_checkpoint"
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -50,13 +70,24 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def check_resume_config(run_dir: Path, cfg: SpinConfig, force: bool) -> None:
+    """Refuse to resume `run_dir` with a config that would change its results (unless `force`)."""
     path = Path(run_dir) / "config.yaml"
     if not path.exists():
         return
-    old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    diff = config_differences(old, cfg.to_dict())
+    try:
+        old = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise SpinError(
+            f"cannot read the config of the run in {run_dir} ({path}: {first})",
+            hint="use another output_dir, or delete that config.yaml to adopt the folder",
+        ) from None
+    if not isinstance(old, dict):
+        old = {}
+    new = cfg.to_dict()
+    diff = config_differences(old, new)
     if diff and not force:
-        shown = ", ".join(f"{k} ({_get(old, k)!r} -> {_get(cfg.to_dict(), k)!r})" for k in diff[:6])
+        shown = ", ".join(f"{k} ({_get(old, k)!r} -> {_get(new, k)!r})" for k in diff[:6])
         more = f" and {len(diff) - 6} more" if len(diff) > 6 else ""
         raise SpinError(
             f"{run_dir} holds a run with a different config: {shown}{more}",
@@ -70,3 +101,83 @@ def _get(d: dict[str, Any], dotted: str) -> Any:
             return None
         d = d.get(part)  # type: ignore[assignment]
     return d
+
+
+def recover_checkpoint(checkpoint_dir: Path) -> None:
+    """Put back a complete trainer checkpoint if a kill interrupted its replacement.
+
+    The trainer writes `NAME.tmp` (trainer_state.json last), renames `NAME` to `NAME.old`, renames `NAME.tmp`
+    to `NAME` and deletes `NAME.old`. A folder holding trainer_state.json is complete; the newest complete
+    one wins.
+    """
+    checkpoint_dir = Path(checkpoint_dir)
+    tmp = checkpoint_dir.with_name(checkpoint_dir.name + ".tmp")
+    old = checkpoint_dir.with_name(checkpoint_dir.name + ".old")
+    if not (checkpoint_dir / "trainer_state.json").exists():
+        for candidate in (tmp, old):  # tmp is newer than old
+            if (candidate / "trainer_state.json").exists():
+                shutil.rmtree(checkpoint_dir, ignore_errors=True)
+                candidate.rename(checkpoint_dir)
+                break
+    for stale in (tmp, old):
+        if stale.exists():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def tidy_run_folder(run_dir: Path) -> None:
+    """Repair trainer checkpoints and remove the `*.tmp` leftovers of killed writes (call under RunLock)."""
+    run_dir = Path(run_dir)
+    for it_dir in sorted(run_dir.glob("iteration_*")):
+        recover_checkpoint(it_dir / CHECKPOINT)
+    for tmp in sorted(run_dir.rglob("*.tmp"), key=lambda p: len(p.parts), reverse=True):
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
+def train_finished(it_dir: Path) -> bool:
+    """Whether iteration `it_dir`'s training finished: its marker, or its saved model (renamed in whole)."""
+    it_dir = Path(it_dir)
+    if (it_dir / ".train.done").exists():
+        return True
+    model = it_dir / "model"
+    weights = list(model.glob("*.safetensors")) + list(model.glob("*.safetensors.index.json"))
+    return (model / "config.json").exists() and bool(weights)
+
+
+class RunLock:
+    """An exclusive, non-blocking lock on `run_dir/.lock` for the duration of a run (a no-op if disabled)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True) -> None:
+        self.path = Path(run_dir) / ".lock"
+        self.enabled = enabled
+        self._file: Any = None
+
+    def __enter__(self) -> RunLock:
+        if not self.enabled:
+            return self
+        from spin.io import os_error_message
+
+        try:
+            self._file = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
+        except OSError as e:
+            raise os_error_message(self.path, e) from None
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._file.close()
+            self._file = None
+            raise SpinError(
+                f"another spin run is using {self.path.parent}",
+                hint="wait for it to finish or stop it, or choose another output_dir",
+            ) from None
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None

@@ -2,9 +2,20 @@
 iteration's pairs, with the opponent's log-probs read from the pairs (scored once per iteration).
 
 One model in memory: the reference is the column `ref_chosen_logps` / `ref_rejected_logps`, never a second
-network. Each optimizer micro-step runs the real and generated sequences of a batch in ONE forward pass,
-padded to the longest sequence in the batch. `accelerate` supplies devices, DDP / DeepSpeed / FSDP, mixed
-precision and gradient accumulation; the loop itself is plain PyTorch.
+network (tests/test_train.py::test_trainer_holds_one_model checks it). Each micro-step runs the real and
+generated sequences of a batch in ONE forward pass, padded to the longest sequence in the batch.
+`accelerate` supplies devices, DDP / DeepSpeed / FSDP, mixed precision (bf16 autocast on GPU, fp32 on CPU
+under `precision: auto`) and gradient accumulation; the loop itself is plain PyTorch.
+
+Batches: one shared order of micro-batches per iteration; process r takes every world-th one, so the global
+batch is `batch_size * world * gradient_accumulation_steps` whatever the number of processes (1 process with
+accumulation 2 equals 2 processes with accumulation 1, up to float summation order: see docs/distributed.md).
+
+LoRA / QLoRA (`train.lora.enabled`): the loaded model is wrapped with peft adapters here, trained, and merged
+back (`merge_and_unload`) before saving, so every iteration's checkpoint is a full model. The reference of
+iteration t+1 is therefore the merged iteration-t model (base + all adapters so far), as SPIN requires, not
+the original base. QLoRA needs the model loaded in 4-bit (`spin.modeling.load_model(load_in_4bit=True)`, GPU
++ bitsandbytes); the merged weights are dequantized before saving.
 
 Resume: every `save_steps` optimizer steps the trainer state (model, optimizer, scheduler, RNG, step) is
 saved to `CKPT_DIR` atomically; a restarted iteration continues from it, skipping the batches already seen.
@@ -29,9 +40,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from spin.config import TrainConfig, scheduled
+from spin.config import LoraConfig, TrainConfig, scheduled
 from spin.errors import SpinError
-from spin.io import append_jsonl, read_json, write_json
+from spin.io import append_jsonl, fault_point, read_json, trim_log, write_json
 from spin.loss import spin_loss
 from spin.modeling import Encoded
 from spin.pairs import collate, encode_all, forward_logps
@@ -45,6 +56,7 @@ class TrainResult:
     seconds: float
     pairs_per_second: float
     final_metrics: dict[str, float] = field(default_factory=dict)
+    trainable_parameters: int = 0  # parameters the optimizer updated (LoRA: the adapters only)
 
 
 @dataclass(frozen=True)
@@ -127,7 +139,8 @@ def train_iteration(
 ) -> TrainResult:
     """Train `model` in place on `pairs` for one SPIN iteration; log to `log_dir/train_log.jsonl`.
 
-    With `save_dir`, the trained model and tokenizer are saved there as a Hugging Face checkpoint.
+    With `save_dir`, the trained model and tokenizer are saved there as a Hugging Face checkpoint. With
+    LoRA, `model` ends up holding the merged weights (base + adapters), exactly what is saved.
     """
     if not pairs:
         raise SpinError(
@@ -150,12 +163,29 @@ def train_iteration(
     micro = order[: steps * group] if len(order) >= group else (order * group)[:group]
     my_batches = micro[accelerator.process_index :: world]
 
+    base = model  # the caller's object: peft injects adapters into it, merge_and_unload restores it
+    use_cache = getattr(getattr(base, "config", None), "use_cache", None)
     if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable()
+        # Non-reentrant: works under DDP and with frozen inputs (LoRA) without enable_input_require_grads.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if cfg.lora.enabled:
+        if _shards_parameters(accelerator):
+            raise SpinError(
+                "train.lora with DeepSpeed ZeRO-3 or FSDP is not supported: the adapters are merged into "
+                "full weights after every iteration, which needs unsharded parameters",
+                hint="launch with configs/accelerate/ddp.yaml (LoRA's trainable state is small)",
+            )
+        model = wrap_lora(model, cfg.lora, cfg.gradient_checkpointing)
     model.train()
     optimizer = make_optimizer(model, cfg, lr)
+    trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     scheduler = make_scheduler(optimizer, cfg.lr_scheduler, int(cfg.warmup_ratio * steps), steps)
+    # accelerate's own accumulation: `backward` divides the loss by `accum` (DeepSpeed: its engine does),
+    # DDP skips the all-reduce on all but the last micro-batch, the optimizer steps only on that one.
+    accelerator.gradient_accumulation_steps = accum
+    accelerator.step = 0
+    _configure_deepspeed(accelerator, cfg)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     start_step = 0
@@ -167,8 +197,10 @@ def train_iteration(
         log.info("iteration %d: resuming training at step %d of %d", iteration, start_step, steps)
 
     log_path = log_dir / "train_log.jsonl"
-    if start_step == 0 and log_path.exists():
-        log_path.unlink()
+    if accelerator.is_main_process:
+        log_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        trim_log(log_path, start_step)  # rows past the checkpoint are logged again below, not repeated
     pad_id = tokenizer.pad_token_id
     t0 = time.perf_counter()
     bar = tqdm(
@@ -181,34 +213,36 @@ def train_iteration(
     )
     last: dict[str, float] = {}
     for step in range(start_step, steps):
-        sums = {"loss": 0.0, "rewards/real": 0.0, "rewards/generated": 0.0, "rewards/accuracy": 0.0}
+        # Per-process sums of the micro-batch means / accum: loss, rewards/real, rewards/generated, accuracy.
+        sums = torch.zeros(4, dtype=torch.float64)
         for k in range(accum):
             idx = my_batches[step * accum + k]
             batch = collate_pairs([features[i] for i in idx], pad_id)
             n = len(idx)
-            logps = forward_logps(model, batch, cfg.length_normalize)  # (2B,) real then generated
-            out = spin_loss(
-                policy_real_logps=logps[:n],
-                policy_generated_logps=logps[n:],
-                opponent_real_logps=batch["ref_chosen_logps"].to(logps.device),
-                opponent_generated_logps=batch["ref_rejected_logps"].to(logps.device),
-                beta=beta,
-                loss_type=cfg.loss_type,
-            )
-            loss = out.losses.mean()
-            if not torch.isfinite(loss):
-                raise SpinError(
-                    f"the loss became {loss.item()} at iteration {iteration}, step {step + 1}; "
-                    f"the last good checkpoint is kept in {checkpoint_dir or log_dir}",
-                    hint="lower train.learning_rate or use train.precision=fp32",
+            with accelerator.accumulate(model):
+                logps = forward_logps(model, batch, cfg.length_normalize)  # (2B,) real then generated
+                out = spin_loss(
+                    policy_real_logps=logps[:n],
+                    policy_generated_logps=logps[n:],
+                    opponent_real_logps=batch["ref_chosen_logps"].to(logps.device),
+                    opponent_generated_logps=batch["ref_rejected_logps"].to(logps.device),
+                    beta=beta,
+                    loss_type=cfg.loss_type,
                 )
-            accelerator.backward(loss / accum)
-            sums["loss"] += loss.item() / accum
-            sums["rewards/real"] += out.real_rewards.mean().item() / accum
-            sums["rewards/generated"] += out.generated_rewards.mean().item() / accum
-            sums["rewards/accuracy"] += (
-                out.real_rewards > out.generated_rewards
-            ).float().mean().item() / accum
+                loss = out.losses.mean()
+                if not torch.isfinite(loss):
+                    raise SpinError(
+                        f"the loss became {loss.item()} at iteration {iteration}, step {step + 1}; "
+                        f"the last good checkpoint is kept in {checkpoint_dir or log_dir}",
+                        hint="lower train.learning_rate or use train.precision=fp32, then rerun with --force",
+                    )
+                accelerator.backward(loss)  # scaled by 1/accum inside
+                accuracy = (out.real_rewards > out.generated_rewards).float().mean()
+                row = torch.stack(
+                    [loss.detach(), out.real_rewards.mean(), out.generated_rewards.mean(), accuracy]
+                )
+                sums += row.double().cpu() / accum
+        # The last micro-batch's `accumulate` left sync_gradients on: gradients are complete and synced.
         if cfg.max_grad_norm > 0:
             accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         optimizer.step()
@@ -216,23 +250,25 @@ def train_iteration(
         optimizer.zero_grad(set_to_none=True)
         bar.update(1)
 
-        reduced = accelerator.reduce(torch.tensor(list(sums.values()), device=accelerator.device), "mean")
-        metrics = dict(zip(sums, reduced.tolist()))  # averaged over processes
+        reduced = accelerator.reduce(sums.to(accelerator.device), "mean")  # mean over processes
+        metrics = dict(zip(METRIC_NAMES, reduced.tolist()))
         metrics["rewards/margin"] = metrics["rewards/real"] - metrics["rewards/generated"]
         last = metrics
         if accelerator.is_main_process and ((step + 1) % cfg.logging_steps == 0 or step + 1 == steps):
-            row: dict[str, float] = {
+            log_row: dict[str, float] = {
                 "step": step + 1,
                 "epoch": (step + 1) * group / max(1, math.ceil(len(features) / cfg.batch_size)),
                 "lr": float(scheduler.get_last_lr()[0]),
+                "beta": beta,
                 **metrics,
             }
-            append_jsonl(log_path, row)
+            append_jsonl(log_path, log_row)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margin']:.3f}")
             if writer is not None:
-                for name, value in row.items():
+                for name, value in log_row.items():
                     if name != "step":  # one namespace per iteration: iteration_t/loss, ...
                         writer.add_scalar(f"iteration_{iteration}/{name}", value, step + 1)
+        fault_point("train_step")  # test hook (spin.io): a kill after a logged step, before its checkpoint
         if (
             checkpoint_dir is not None
             and cfg.save_steps
@@ -246,20 +282,113 @@ def train_iteration(
     seconds = time.perf_counter() - t0
     done = steps - start_step
     pairs_per_second = done * cfg.batch_size * group / max(seconds, 1e-9)
+
+    trained = accelerator.unwrap_model(model)
+    if cfg.lora.enabled:
+        trained = merge_lora(trained)  # the caller's `base` object, adapters folded into its weights
+    if cfg.gradient_checkpointing and hasattr(base, "gradient_checkpointing_disable"):
+        base.gradient_checkpointing_disable()
+        base.config.use_cache = use_cache  # not saved as False: generation wants the KV cache
+    trained.eval()
     if save_dir is not None:
-        save_trained(accelerator, model, tokenizer, save_dir)
+        # With LoRA the merged model is a plain (unprepared) module; without, `model` is what was prepared,
+        # so a ZeRO-3 / FSDP state dict is gathered from the shards.
+        save_trained(accelerator, trained if cfg.lora.enabled else model, tokenizer, save_dir)
     if checkpoint_dir is not None and accelerator.is_main_process:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    return TrainResult(steps=steps, seconds=seconds, pairs_per_second=pairs_per_second, final_metrics=last)
+    return TrainResult(
+        steps=steps,
+        seconds=seconds,
+        pairs_per_second=pairs_per_second,
+        final_metrics=last,
+        trainable_parameters=trainable,
+    )
+
+
+METRIC_NAMES = ("loss", "rewards/real", "rewards/generated", "rewards/accuracy")
+
+
+def wrap_lora(model: Any, cfg: LoraConfig, gradient_checkpointing: bool) -> Any:
+    """Fresh LoRA adapters on `model` (peft injects them into it in place); only they are trainable.
+
+    The adapters start at B = 0, so at step 0 the policy equals the loaded model: the reference.
+    """
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    quantized = bool(getattr(model, "is_loaded_in_4bit", False))
+    if cfg.load_in_4bit and not quantized:
+        raise SpinError(
+            "train.lora.load_in_4bit is set but the model was loaded in full precision",
+            hint="load it with spin.modeling.load_model(..., load_in_4bit=True) (spin run does)",
+        )
+    if quantized:
+        # fp32 norms / embeddings for stable k-bit training; checkpointing as configured, non-reentrant.
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    peft_config = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def merge_lora(peft_model: Any) -> Any:
+    """Fold the adapters into the base weights; returns the plain base model (QLoRA: dequantized)."""
+    merged = peft_model.merge_and_unload()
+    if getattr(merged, "is_loaded_in_4bit", False):
+        # The merge re-quantizes W + BA to 4-bit; save that, dequantized, as the iteration's full checkpoint.
+        merged = merged.dequantize()
+    return merged
+
+
+def _shards_parameters(accelerator: Any) -> bool:
+    """Whether the engine splits parameters across processes (ZeRO-3, FSDP)."""
+    kind = str(accelerator.distributed_type)
+    if "FSDP" in kind:
+        return True
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return (
+        plugin is not None and int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)) == 3
+    )
+
+
+def _configure_deepspeed(accelerator: Any, cfg: TrainConfig) -> None:
+    """Fill the DeepSpeed config fields accelerate takes from a prepared dataloader (we prepare none)."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
+    ds["train_batch_size"] = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    ds["gradient_clipping"] = cfg.max_grad_norm  # DeepSpeed clips inside its step, not clip_grad_norm_
+    ds.setdefault("zero_allow_untested_optimizer", True)  # ZeRO refuses RMSprop / SGD client optimizers without it
+
+
+def resolve_precision(precision: str) -> str:
+    """`precision: auto` -> bf16 on a bf16-capable CUDA GPU, fp32 otherwise (CPU autocast to bf16 is slow)."""
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
-    """An `Accelerator` for this process: bf16 autocast on a bf16 GPU under `precision: auto`, fp32 on CPU."""
+    """An `Accelerator` for this process, mixed precision from `resolve_precision(cfg.precision)`.
+
+    Under `accelerate launch` the launcher's config (DDP / DeepSpeed / FSDP, number of processes) applies,
+    except its `mixed_precision`: `train.precision` decides, so a run means the same thing however launched.
+    """
     from accelerate import Accelerator
 
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    precision = resolve_precision(cfg.precision)
     return Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision])
 
 
@@ -290,6 +419,7 @@ def _save_trainer_state(accelerator: Any, checkpoint_dir: Path, step: int, sched
         shutil.rmtree(old, ignore_errors=True)
         if checkpoint_dir.exists():
             checkpoint_dir.rename(old)
+        fault_point("checkpoint_swap")  # test hook: killed here, spin.resume.recover_checkpoint repairs it
         tmp.rename(checkpoint_dir)
         shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

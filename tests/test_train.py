@@ -1,0 +1,296 @@
+"""The trainer: one model in memory, the loss it optimises, and steps that do not depend on how they are cut.
+
+- `test_trainer_holds_one_model`: no second network is loaded or copied while training (live parameters are
+  counted at every step, `from_pretrained` / `deepcopy` are booby-trapped), each micro-step is ONE forward on
+  the (2B, T) real + generated batch, and the logged loss equals `spin.loss.spin_loss` recomputed by hand
+  (unpadded, one sequence at a time) on the same batch.
+- Gradient accumulation: 2 micro-batches of 4 give the same SGD step as 1 batch of 8.
+- Gradient checkpointing: same losses and weights as without.
+- `precision: auto`: fp32 on CPU, bf16 on a bf16 GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from spin.config import ModelConfig, TrainConfig
+from spin.errors import SpinError
+from spin.loss import spin_loss
+from spin.modeling import encode_response, load_model, load_tokenizer
+from spin.pairs import score_logps
+from spin.train import resolve_precision, train_iteration
+
+CPU = torch.device("cpu")
+
+
+def make_pairs(tokenizer: Any, model: Any, n: int, seed: int = 0) -> list[dict]:
+    """`n` addition pairs: the real reply vs a corrupted one, reference log-probs = the model's + noise.
+
+    The noise makes the policy differ from the reference at step 0, so the loss is not trivially log 2.
+    """
+    from spin.tasks import get_task
+
+    make = get_task("addition").make_examples
+    assert make is not None
+    examples = make(n, seed)
+    rng = random.Random(seed)
+    rejected = [e.response[::-1] + str(rng.randint(0, 9)) for e in examples]
+    prompts = [e.prompt for e in examples]
+    real = score_logps(model, tokenizer, prompts, [e.response for e in examples], 48, 16)
+    gen = score_logps(model, tokenizer, prompts, rejected, 48, 16)
+    return [
+        {
+            "prompt": e.prompt,
+            "chosen": [{"role": "assistant", "content": e.response}],
+            "rejected": [{"role": "assistant", "content": r}],
+            "ref_chosen_logps": c + rng.uniform(-2, 2),
+            "ref_rejected_logps": g + rng.uniform(-2, 2),
+        }
+        for e, r, c, g in zip(examples, rejected, real, gen)
+    ]
+
+
+def train_cfg(**kw: Any) -> TrainConfig:
+    base: dict[str, Any] = {
+        "optimizer": "sgd",
+        "learning_rate": 0.05,
+        "lr_scheduler": "constant",
+        "warmup_ratio": 0.0,
+        "epochs": 1,
+        "batch_size": 8,
+        "max_length": 48,
+        "save_steps": 0,
+        "beta": 0.5,
+    }
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def live_parameter_numel() -> int:
+    """Elements of every nn.Parameter alive in this process (a second model would add its own)."""
+    gc.collect()
+    seen: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.nn.Parameter):
+            seen[id(obj)] = obj.numel()
+    return sum(seen.values())
+
+
+def hand_logp(model: Any, tokenizer: Any, prompt: list[dict], response: str) -> torch.Tensor:
+    """log p(response | prompt) of ONE unpadded sequence: log_softmax + gather, summed over response tokens."""
+    enc = encode_response(tokenizer, prompt, response, 48)
+    ids = torch.tensor([enc.input_ids])  # (1, T)
+    logp = torch.log_softmax(model(input_ids=ids).logits.float(), dim=-1)[0]  # (T, V)
+    targets = ids[0, enc.prompt_len :]  # the response tokens
+    return (
+        logp[enc.prompt_len - 1 : -1].gather(-1, targets[:, None]).sum()
+    )  # predicted from the position before
+
+
+@pytest.fixture
+def tok_model(tiny_model_dir: Path) -> tuple[Any, Any]:
+    return load_tokenizer(tiny_model_dir, ModelConfig()), load_model(
+        tiny_model_dir, ModelConfig(), device=CPU
+    )
+
+
+def test_trainer_holds_one_model(
+    tok_model: tuple[Any, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    tokenizer, model = tok_model
+    pairs = make_pairs(tokenizer, model, 16)
+    beta = 0.5
+    # Expected loss of the first (and only) step, all 16 pairs at the starting weights, by hand.
+    with torch.no_grad():
+        model.eval()
+        real = torch.stack(
+            [hand_logp(model, tokenizer, p["prompt"], p["chosen"][0]["content"]) for p in pairs]
+        )
+        gen = torch.stack(
+            [hand_logp(model, tokenizer, p["prompt"], p["rejected"][0]["content"]) for p in pairs]
+        )
+    ref_real = torch.tensor([p["ref_chosen_logps"] for p in pairs])
+    ref_gen = torch.tensor([p["ref_rejected_logps"] for p in pairs])
+    expected = spin_loss(real, gen, ref_real, ref_gen, beta=beta)
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the trainer tried to build a second model")
+
+    monkeypatch.setattr(PreTrainedModel, "from_pretrained", classmethod(forbidden))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(forbidden))
+    real_deepcopy = copy.deepcopy
+
+    def deepcopy_no_modules(obj: Any, *args: Any) -> Any:
+        if isinstance(obj, torch.nn.Module):
+            forbidden()
+        return real_deepcopy(obj, *args)
+
+    monkeypatch.setattr(copy, "deepcopy", deepcopy_no_modules)
+
+    forwards: list[tuple[int, ...]] = []
+    model.register_forward_hook(
+        lambda m, args, kw, out: forwards.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    before = live_parameter_numel()
+    during: list[int] = []
+    result = train_iteration(
+        model,
+        tokenizer,
+        pairs,
+        train_cfg(batch_size=16, beta=beta),
+        iteration=1,
+        run_seed=0,
+        log_dir=tmp_path,
+        on_step=lambda step: during.append(live_parameter_numel()),
+    )
+    assert result.steps == 1 and during == [before], (before, during)
+    assert result.trainable_parameters == sum(p.numel() for p in model.parameters())
+    # One forward per micro-step, real and generated stacked: (2B, T), T = the longest in the batch.
+    longest = max(
+        len(encode_response(tokenizer, p["prompt"], p[side][0]["content"], 48).input_ids)
+        for p in pairs
+        for side in ("chosen", "rejected")
+    )
+    assert forwards == [(32, longest)]
+    row = read_log(tmp_path / "train_log.jsonl")[0]
+    assert row["loss"] == pytest.approx(expected.losses.mean().item(), rel=1e-5)
+    assert row["rewards/real"] == pytest.approx(expected.real_rewards.mean().item(), rel=1e-5, abs=1e-6)
+    assert row["rewards/generated"] == pytest.approx(
+        expected.generated_rewards.mean().item(), rel=1e-5, abs=1e-6
+    )
+    accuracy = (expected.real_rewards > expected.generated_rewards).float().mean().item()
+    assert row["rewards/accuracy"] == pytest.approx(accuracy)
+
+
+def _run(tiny_model_dir: Path, tmp_path: Path, name: str, pairs: list[dict], **kw: Any) -> tuple[list, dict]:
+    tokenizer = load_tokenizer(tiny_model_dir, ModelConfig())
+    model = load_model(tiny_model_dir, ModelConfig(), device=CPU)
+    train_iteration(
+        model, tokenizer, pairs, train_cfg(**kw), iteration=1, run_seed=3, log_dir=tmp_path / name
+    )
+    return read_log(tmp_path / name / "train_log.jsonl"), weights(model)
+
+
+def _assert_same(a: tuple[list, dict], b: tuple[list, dict], atol: float) -> None:
+    log_a, w_a = a
+    log_b, w_b = b
+    assert len(log_a) == len(log_b) == 2
+    for ra, rb in zip(log_a, log_b):
+        for key in ("loss", "rewards/real", "rewards/generated", "rewards/margin"):
+            assert ra[key] == pytest.approx(rb[key], rel=1e-5, abs=1e-6), key
+    moved = max((w_a[k] - w_b[k]).abs().max().item() for k in w_a)
+    assert moved <= atol, moved
+
+
+@pytest.fixture
+def pairs16(tok_model: tuple[Any, Any]) -> list[dict]:
+    tokenizer, model = tok_model
+    return make_pairs(tokenizer, model, 16, seed=1)
+
+
+def test_gradient_accumulation_matches_large_batch(
+    tiny_model_dir: Path, tmp_path: Path, pairs16: list[dict]
+) -> None:
+    # No clipping: it would hide a wrongly scaled accumulated gradient. 16 pairs -> 2 optimizer steps.
+    big = _run(tiny_model_dir, tmp_path, "1x8", pairs16, batch_size=8, max_grad_norm=0.0)
+    accum = _run(
+        tiny_model_dir,
+        tmp_path,
+        "2x4",
+        pairs16,
+        batch_size=4,
+        gradient_accumulation_steps=2,
+        max_grad_norm=0.0,
+    )
+    _assert_same(big, accum, atol=1e-6)
+    # ... and the step really moved the weights (lr 0.05), so the comparison above means something.
+    start = weights(load_model(tiny_model_dir, ModelConfig(), device=CPU))
+    assert max((big[1][k] - start[k]).abs().max().item() for k in start) > 1e-3
+
+
+def test_gradient_checkpointing_gives_same_training(
+    tiny_model_dir: Path, tmp_path: Path, pairs16: list[dict]
+) -> None:
+    plain = _run(tiny_model_dir, tmp_path, "plain", pairs16)
+    ckpt = _run(tiny_model_dir, tmp_path, "ckpt", pairs16, gradient_checkpointing=True)
+    _assert_same(plain, ckpt, atol=1e-6)
+
+
+def test_precision_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_precision("auto") == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto") == "bf16"
+    assert resolve_precision("fp16") == "fp16"
+
+
+def test_empty_pairs_is_an_error(tok_model: tuple[Any, Any], tmp_path: Path) -> None:
+    tokenizer, model = tok_model
+    with pytest.raises(SpinError, match="no training pairs"):
+        train_iteration(model, tokenizer, [], train_cfg(), iteration=1, run_seed=0, log_dir=tmp_path)
+
+
+@pytest.mark.parametrize("masked_head", [True, False])
+def test_forward_logps_matches_sequence_logps(
+    tok_model: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch, masked_head: bool
+) -> None:
+    """The LM head on response positions only + chunked fp32 log-probs == full logits + `sequence_logps`."""
+    import spin.pairs as pairs_mod
+    from spin.loss import sequence_logps
+    from spin.pairs import TokenLogps, collate, encode_all, forward_logps
+
+    tokenizer, model = tok_model
+    assert pairs_mod.lm_head_takes_mask(model)  # a transformers 5 Llama
+    monkeypatch.setattr(pairs_mod, "lm_head_takes_mask", lambda m: masked_head)
+    monkeypatch.setattr(TokenLogps, "CHUNK_BYTES", 4 * len(tokenizer) * 7)  # 7 rows per chunk: many chunks
+    prompts = [[{"role": "user", "content": "1+" * k + "1"}] for k in (1, 5, 2, 9)]
+    batch = collate(encode_all(tokenizer, prompts, ["2", "6543", "", "10"], 48), tokenizer.pad_token_id)
+    for normalize in (False, True):
+        model.zero_grad()
+        got = forward_logps(model, batch, normalize)
+        got.sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        want = sequence_logps(logits, batch["input_ids"], batch["loss_mask"], normalize)
+        want.sum().backward()
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got, want)
+        for g, p in zip(grads, model.parameters()):
+            assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_token_logps_bf16_logits() -> None:
+    """bf16 logits: log-probs computed in fp32 from them, gradient returned in bf16."""
+    from spin.pairs import TokenLogps
+
+    gen = torch.Generator().manual_seed(0)
+    logits = (3 * torch.randn(10, 50, generator=gen)).bfloat16().requires_grad_()
+    targets = torch.randint(0, 50, (10,), generator=gen)
+    got = TokenLogps.apply(logits, targets)
+    ref_logits = logits.detach().float().requires_grad_()
+    want = -torch.nn.functional.cross_entropy(ref_logits, targets, reduction="none")
+    weights = torch.randn(10, generator=gen)
+    (got * weights).sum().backward()
+    (want * weights).sum().backward()
+    assert got.dtype == torch.float32 and logits.grad is not None and logits.grad.dtype == torch.bfloat16
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(logits.grad.float(), ref_logits.grad, atol=1e-2)
