@@ -14,10 +14,15 @@ Reported: generated tokens/s (end-of-turn token included) and prompts/s; the rat
 (spin >= 20x one-at-a-time, >= 1.5x plain batched, on CPU).
 
 Model (default): a character-level Llama, hidden 256, 4 layers (4.2M parameters), SFT-trained for
-`--sft-steps` on the stochastic `grammar` task, so replies vary from 1 to 16 characters. To vary prompt
-lengths as well, every example gets a system message of 0-48 random letters (prompts of 14-68 tokens),
-which the model learns to ignore. The briefly trained model is not perfect: some samples run on to
-max_new_tokens, which the length statistics printed below show.
+`--sft-steps` on the stochastic `grammar` task, so replies vary from 1 to 16 characters (a few samples run on
+longer; the mean and max lengths are printed). Its training examples carry a system message of 0-48 random
+letters, so the same model serves two prompt sets:
+- default: the task's own prompts (6-10 tokens; the task has 16 distinct prompts, so 1,024 prompts repeat
+  each ~64 times, as in `spin demo` on grammar; spin's refill engine prefills identical prompts once);
+- `--system-prompts`: a random system message of 0-48 letters in front of each (14-68 tokens, all distinct,
+  prefill-heavy: no prompt sharing, gains come from length sorting and row dropping).
+Each way runs `--repeats` times; the median wall time is reported (the machine is shared), with the CPU time
+of the process beside it.
 
 `--qwen`: a Qwen2-0.5B-shaped model (random weights, bf16, hidden 896, 24 layers, 14 heads, 2 KV heads,
 intermediate 4864, vocab 151936), random prompts of 16-128 tokens, 256 new tokens; random weights rarely emit
@@ -31,6 +36,7 @@ Prints the decode roofline: each step reads every weight once, 2 bytes x N param
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import random
@@ -120,7 +126,8 @@ def qwen_model(device: torch.device, seed: int) -> tuple[Any, Any]:
         pad_token_id=151643,
     )
     with torch.device(device):
-        model = Qwen2ForCausalLM(config).to(torch.bfloat16).eval()
+        model: Any = Qwen2ForCausalLM(config)
+    model = model.to(dtype=torch.bfloat16).eval()
     model.generation_config.eos_token_id = 151645
     model.generation_config.pad_token_id = 151643
     return model, None
@@ -190,7 +197,7 @@ class _IdsTokenizer:
         return [self.decode(r) for r in rows]
 
 
-def spin_engine(
+def spin_run(
     model: Any, tok: Any, prompts: list[list[dict]], max_new: int, bs: int, engine: str
 ) -> list[int]:
     cfg = GenerationConfig(
@@ -205,29 +212,40 @@ def spin_engine(
     return [g.num_tokens for g in generate_responses(model, tok, prompts, cfg, seed=0, desc=f"spin {engine}")]
 
 
-def timed(name: str, fn: Callable[[], list[int]], sync: Callable[[], None]) -> dict[str, Any]:
-    sync()
-    start = time.perf_counter()
-    lengths = fn()
-    sync()
-    dt = time.perf_counter() - start
+def timed(name: str, fn: Callable[[], list[int]], sync: Callable[[], None], repeats: int) -> dict[str, Any]:
+    """Median over `repeats` runs of wall and process CPU time; tokens from the last run."""
+    walls, cpus = [], []
+    for _ in range(repeats):
+        sync()
+        wall, cpu = time.perf_counter(), time.process_time()
+        lengths = fn()
+        sync()
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    dt, cpu_s = statistics.median(walls), statistics.median(cpus)
     row = {
         "way": name,
         "seconds": dt,
+        "cpu_seconds": cpu_s,
+        "all_seconds": walls,
         "prompts": len(lengths),
         "tokens": sum(lengths),
         "tokens_per_s": sum(lengths) / dt,
+        "tokens_per_cpu_s": sum(lengths) / cpu_s,
         "prompts_per_s": len(lengths) / dt,
         "mean_len": statistics.fmean(lengths),
         "max_len": max(lengths),
+        "at_max_new_tokens": sum(n >= max(lengths) for n in lengths) if max(lengths) > 16 else 0,
     }
     log.info(
-        "%-28s %8.1f tok/s %7.1f prompts/s  (%.1f s, mean length %.1f)",
+        "%-34s %8.0f tok/s %7.1f prompts/s  (%.2f s wall, %.2f s CPU; mean length %.1f, max %d)",
         name,
         row["tokens_per_s"],
         row["prompts_per_s"],
         dt,
+        cpu_s,
         row["mean_len"],
+        row["max_len"],
     )
     return row
 
@@ -238,11 +256,12 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=1024)
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default 64 (256 with --qwen)")
     ap.add_argument("--batch-size", type=int, default=64, help="batch size of plain batched and spin")
+    ap.add_argument("--big-batch", type=int, default=256, help="also time plain and spin at this batch size")
     ap.add_argument("--one-at-a-time-prompts", type=int, default=None, help="subset for way 1 (default: all)")
+    ap.add_argument("--system-prompts", action="store_true", help="distinct prompts of 14-68 tokens")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--sft-steps", type=int, default=300)
-    ap.add_argument(
-        "--model-cache", type=Path, default=None, help="save / reuse the SFT model in this folder"
-    )
+    ap.add_argument("--model-cache", type=Path, default=None, help="save / reuse the SFT model here")
     ap.add_argument("--qwen", action="store_true", help="Qwen2-0.5B shape, random bf16 weights (GPU)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
@@ -264,93 +283,136 @@ def main() -> None:
     else:
         model, tok, all_prompts = char_model(args.sft_steps, args.seed, device, args.model_cache)
         prompts = all_prompts[: args.prompts]
+        if not args.system_prompts:
+            prompts = [[m for m in p if m["role"] != "system"] for p in prompts]
         ids = [encode(tok, render_prompt(tok, p)) for p in prompts]
         eos, pad = tok.eos_token_id, tok.pad_token_id
     n_params = count_parameters(model)
     lens = [len(p) for p in ids]
     log.info(
-        "model: %.1fM parameters on %s; %d prompts of %d-%d tokens",
+        "model: %.2fM parameters on %s, %d threads; %d prompts of %d-%d tokens (%d distinct)",
         n_params / 1e6,
         device,
+        torch.get_num_threads(),
         len(ids),
         min(lens),
         max(lens),
+        len({tuple(p) for p in ids}),
     )
 
+    bs, big, reps = args.batch_size, args.big_batch, args.repeats
+    k = args.one_at_a_time_prompts or len(ids)
+    ways: list[tuple[str, Callable[[], list[int]]]] = [
+        (f"one at a time ({k} prompts)", lambda: one_at_a_time(model, ids[:k], eos, pad, max_new)),
+        (f"plain batched, batch {bs}", lambda: plain_batched(model, ids, eos, pad, max_new, bs)),
+    ]
     rows = []
     with torch.inference_mode():
-        k = args.one_at_a_time_prompts or len(ids)
-        rows.append(
-            timed(
-                f"one at a time ({k} prompts)", lambda: one_at_a_time(model, ids[:k], eos, pad, max_new), sync
-            )
-        )
-        rows.append(
-            timed(
-                f"plain batched (bs {args.batch_size})",
-                lambda: plain_batched(model, ids, eos, pad, max_new, args.batch_size),
-                sync,
-            )
-        )
-        _ENGINE_CACHE.clear()
+        for name, fn in ways:
+            rows.append(timed(name, fn, sync, 1 if name.startswith("one") else reps))
+        _ENGINE_CACHE.clear()  # the first call measures the engines (auto), as the first call in a process
         rows.append(
             timed(
                 "spin auto, 1st call (probe)",
-                lambda: spin_engine(model, tok, prompts, max_new, args.batch_size, "auto"),
+                lambda: spin_run(model, tok, prompts, max_new, bs, "auto"),
                 sync,
-            )
-        )
-        rows.append(
-            timed(
-                "spin auto, cached choice",
-                lambda: spin_engine(model, tok, prompts, max_new, args.batch_size, "auto"),
-                sync,
+                1,
             )
         )
         chosen = next(iter(_ENGINE_CACHE.values()))
+        rows.append(
+            timed(
+                f"spin auto (= {chosen[0]}), batch {bs}",
+                lambda: spin_run(model, tok, prompts, max_new, bs, "auto"),
+                sync,
+                reps,
+            )
+        )
         for engine in supported_engines(model):
             rows.append(
                 timed(
-                    f"spin engine={engine}",
-                    lambda e=engine: spin_engine(model, tok, prompts, max_new, args.batch_size, e),
+                    f"spin engine={engine}, batch {bs}",
+                    functools.partial(spin_run, model, tok, prompts, max_new, bs, engine),
                     sync,
+                    reps,
+                )
+            )
+        if big and big != bs:
+            rows.append(
+                timed(
+                    f"plain batched, batch {big}",
+                    lambda: plain_batched(model, ids, eos, pad, max_new, big),
+                    sync,
+                    reps,
+                )
+            )
+            rows.append(
+                timed(
+                    f"spin engine=refill, batch {big}",
+                    lambda: spin_run(model, tok, prompts, max_new, big, "refill"),
+                    sync,
+                    reps,
                 )
             )
 
     one, plain, spin = rows[0]["tokens_per_s"], rows[1]["tokens_per_s"], rows[3]["tokens_per_s"]
     print(f"\nauto chose: {chosen[0]} ({chosen[1]})")
-    print("| way | tokens/s | prompts/s | mean len | seconds |\n|---|---:|---:|---:|---:|")
+    print("| way | tokens/s (wall) | tokens/s (CPU time) | prompts/s | mean / max len | seconds |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['way']} | {r['tokens_per_s']:.0f} | {r['prompts_per_s']:.1f} | {r['mean_len']:.1f} | {r['seconds']:.1f} |"
+            f"| {r['way']} | {r['tokens_per_s']:.0f} | {r['tokens_per_cpu_s']:.0f} | {r['prompts_per_s']:.1f} "
+            f"| {r['mean_len']:.1f} / {r['max_len']} | {r['seconds']:.2f} |"
         )
-    print(f"\nspin (cached choice) / one at a time: {spin / one:.1f}x (target >= 20x)")
-    print(f"spin (cached choice) / plain batched: {spin / plain:.2f}x (target >= 1.5x)")
-    print(f"spin (1st call, with probe) / plain batched: {rows[2]['tokens_per_s'] / plain:.2f}x")
+    ratios = {
+        "spin_vs_one_at_a_time": spin / one,
+        "spin_vs_plain_batched": spin / plain,
+        "spin_first_call_vs_plain_batched": rows[2]["tokens_per_s"] / plain,
+    }
+    print(
+        f"\nspin (auto, batch {bs}) / one at a time: {ratios['spin_vs_one_at_a_time']:.1f}x (target >= 20x)"
+    )
+    print(
+        f"spin (auto, batch {bs}) / plain batched (batch {bs}): {ratios['spin_vs_plain_batched']:.2f}x (target >= 1.5x)"
+    )
+    print(
+        f"spin 1st call (with auto's probe) / plain batched: {ratios['spin_first_call_vs_plain_batched']:.2f}x"
+    )
     result: dict[str, Any] = {
         "params": n_params,
         "device": str(device),
+        "threads": torch.get_num_threads(),
         "max_new_tokens": max_new,
+        "system_prompts": args.system_prompts,
         "rows": rows,
+        "ratios": ratios,
         "auto": chosen,
     }
     if args.qwen or device.type == "cuda":
-        # Decode is memory bound at small batch: every step reads all weights once (bf16: 2 bytes each).
-        bytes_per_step = 2 * n_params
-        steps_per_s = 3.0e12 / bytes_per_step  # H100 HBM3 ~3 TB/s
-        flops_per_token = 2 * n_params
-        print(
-            f"roofline (H100, 3 TB/s, 800 TFLOP/s bf16): {bytes_per_step / 1e9:.2f} GB per decode step -> "
-            f"<= {steps_per_s:.0f} steps/s; at batch B <= {steps_per_s:.0f}*B tokens/s until compute bound at "
-            f"~{800e12 / flops_per_token:.0f} tokens/s (B ~ {800e12 / flops_per_token / steps_per_s:.0f})"
-        )
-        result["roofline"] = {
-            "bytes_per_step": bytes_per_step,
-            "steps_per_s": steps_per_s,
-            "compute_tokens_per_s": 800e12 / flops_per_token,
-        }
+        result["roofline"] = roofline(n_params)
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
+
+
+def roofline(n_params: int, bandwidth: float = 3.0e12, flops: float = 800e12) -> dict[str, float]:
+    """H100 decode roofline: each step reads every weight once (bf16, 2 bytes each), whatever the batch, and
+    costs 2 x N FLOPs per sequence; so tokens/s <= min(B x bandwidth / 2N, flops / 2N)."""
+    bytes_per_step = 2 * n_params
+    steps_per_s = bandwidth / bytes_per_step
+    compute_tokens_per_s = flops / (2 * n_params)
+    out = {
+        "bytes_per_step": bytes_per_step,
+        "steps_per_s": steps_per_s,
+        "compute_tokens_per_s": compute_tokens_per_s,
+        "batch_at_ridge": compute_tokens_per_s / steps_per_s,
+    }
+    print(
+        f"roofline (H100: 3 TB/s, 800 TFLOP/s bf16), {n_params / 1e6:.0f}M params: {bytes_per_step / 1e9:.2f} GB "
+        f"read per decode step -> <= {steps_per_s:.0f} steps/s, i.e. <= {steps_per_s:.0f} x B tokens/s at batch B, "
+        f"up to the compute bound of {compute_tokens_per_s:.0f} tokens/s (reached at B ~ {out['batch_at_ridge']:.0f}; "
+        "the KV cache reads, ignored here, lower it further at long contexts)"
+    )
+    return out
 
 
 if __name__ == "__main__":

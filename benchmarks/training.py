@@ -17,6 +17,15 @@ reference + training, tokens/s, peak memory (CPU: peak RSS of the process, `ru_m
 `torch.cuda.max_memory_allocated`) and, on GPU, MFU = 6 * N * trained tokens / training time / peak FLOP/s
 (6N: forward + backward of the policy; a reference forward is overhead, not counted as useful work).
 
+Memory on CPU: PyTorch allocates CPU tensors with malloc. glibc's default lets its mmap threshold grow to
+32 MiB, so activation tensors (a few MiB each) land on the heap, and with batch shapes changing every step
+the heap fragments: peak RSS then drifts up by hundreds of MiB over an epoch, differently per run, and
+swamps the one difference between the trainers that is structural (TRL's second model, 4 bytes a
+parameter). Every worker therefore runs with the same `MALLOC_MMAP_THRESHOLD_` (default 1 MiB: large
+tensors are mmapped and returned to the OS when freed), so RSS follows the live tensors; this costs all
+variants the same page faults (system time, counted in the CPU time). `--mmap-threshold 0` measures with
+glibc's defaults.
+
 Every setting TRL has a different default for is set explicitly and identically: fp32 on CPU / bf16 on GPU,
 no gradient checkpointing, RMSprop (the paper's optimizer), learning rate, linear schedule with warmup 0.1,
 1 epoch, batch size, clipping 1.0, beta 0.1, sigmoid loss, no truncation, no dropout, no logging / saving.
@@ -313,6 +322,12 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch CPU threads per worker (1: robust on a shared machine)"
     )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument(
+        "--mmap-threshold",
+        type=int,
+        default=2**20,
+        help="glibc MALLOC_MMAP_THRESHOLD_ for every worker (0: glibc's default); see the docstring",
+    )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -363,7 +378,10 @@ def main() -> None:
                 cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
             if args.qwen:
                 cmd.append("--qwen")
-            proc = subprocess.run(cmd, capture_output=True, text=True)
+            env = dict(os.environ)
+            if args.mmap_threshold:
+                env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
             if proc.returncode != 0 or line is None:
                 print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from spin.config import GenerationConfig
-from spin.generate import Sampler, generate_responses, supported_engines
+from spin.engines import Sampler, Spec
+from spin.generate import generate_responses, supported_engines
 from spin.modeling import encode, load_model, load_tokenizer, render_prompt
 
 gen = importlib.import_module("spin.generate")  # `spin.generate` the attribute is the API function
@@ -238,7 +239,7 @@ def test_auto_measures_logs_and_records_its_choice(
 def test_few_prompts_skip_the_probe(lm: tuple[Any, Any], prompts: list[list[dict]], monkeypatch: Any) -> None:
     monkeypatch.setattr(gen, "_ENGINE_CACHE", {})
     engine, reason = gen._choose_engine(
-        lm[0], [[1, 2, 3]] * 5, gen._Spec(lm[1], 4, 4, frozenset({5}), 0, (), None, _cfg(), 0), None
+        lm[0], [[1, 2, 3]] * 5, Spec(lm[1], 4, 4, frozenset({5}), 0, (), None, _cfg(), 0), None
     )
     assert engine == "refill" and "fewer than" in reason
 

@@ -1,17 +1,18 @@
 """Generate stage: the opponent p_t samples one response y' ~ p_t(.|x) per prompt, fast and at scale.
 
 What it does: renders every prompt with the training chat template, sorts prompts by length (longest first,
-so a batch pads little and an out-of-memory error shows at once), cuts the sorted list into fixed shards,
-generates each shard and writes it to `DIR/shard_XXXXX.jsonl` atomically as soon as it is done. Results come
-back in input order.
+so a batch pads little and an out-of-memory error shows at once; identical prompts side by side), cuts the
+sorted list into fixed shards, generates each shard and writes it to `DIR/shard_XXXXX.jsonl` atomically as
+soon as it is done. Results come back in input order.
 
-Three engines (`generation.engine`):
+Three engines (`generation.engine`, implemented in `spin.engines`):
 
-- `refill` (spin's own loop): a left-padded batch over a dynamic KV cache where a row that finishes (end of
-  turn, stop string, max_new_tokens) is dropped at once and, when a quarter of the slots are free, the next
-  prompts are prefilled and merged into the batch. So no step is spent on finished rows and the batch stays
-  full: continuous batching without paged attention. Needs a decoder whose cache is plain full attention
-  (Llama, Qwen2, Mistral without sliding window, ...); other models fall back to `generate`.
+- `refill` (spin's own loop): a left-padded batch of up to `batch_size` rows over a KV cache. A row that
+  finishes (end of turn, stop string, max_new_tokens) stops counting at once; when half the slots are free,
+  finished rows are dropped and the next prompts prefilled into their place (identical prompts prefilled
+  once), in one cache copy; between those, each decode step writes its column in place. So the batch stays
+  full and only the tail runs short: continuous batching without paged attention. Needs a decoder whose
+  cache is plain full attention (Llama, Qwen2, Mistral without sliding window, ...).
 - `generate`: Hugging Face `model.generate` on left-padded batches of `batch_size` sorted prompts; every row
   runs until the longest in its batch ends. Works for every model `generate` supports.
 - `continuous`: transformers' continuous batching (`model.generate_batch`, paged attention). It runs on CPU
@@ -51,18 +52,26 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, StoppingCriteria
 
 from spin.config import GenerationConfig
 from spin.data import Message
+from spin.engines import (
+    Sampler,
+    Spec,
+    continuous_engine,
+    continuous_supported,
+    generate_engine,
+    model_device,
+    refill_engine,
+    refill_supported,
+)
 from spin.errors import SpinError
 from spin.io import atomic_write_text, fault_point, read_jsonl
 from spin.modeling import encode, render_prompt
@@ -71,7 +80,6 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("refill", "generate", "continuous")
 PROBE_MIN_BATCHES = 4  # auto measures only when there are at least this many batches of prompts
-REFILL_FRACTION = 4  # refill when >= batch_size / 4 slots are free: one prefill call per many finished rows
 _ENGINE_CACHE: dict[tuple, tuple[str, str]] = {}  # auto's choice per process: key -> (engine, reason)
 
 
@@ -82,92 +90,12 @@ class Generation:
     finished: bool  # ended by end of turn / stop string (False: cut at max_new_tokens)
 
 
-def _shard_seed(seed: int, shard: int) -> int:
-    return (seed * 1_000_003 + shard * 7919 + 17) % (2**31 - 1)
-
-
 def _cut_at_stop(text: str, stop_strings: list[str]) -> tuple[str, bool]:
     cut = min((i for i in (text.find(s) for s in stop_strings) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-# ------------------------------------------------------------------------------------------------------
-# Sampling: stateless Gumbel-max, so a sample depends on (seed, prompt index, step) and not on the batch.
-
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer hash (good avalanche) on int64 tensors holding values in [0, 2^32).
-
-    Products stay below 2^59, so int64 never overflows."""
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _M32
-    return (x >> 16) ^ x
-
-
-class Sampler:
-    """Temperature / top-k / top-p sampling with counter-based noise; `None` sampler = greedy."""
-
-    def __init__(self, cfg: GenerationConfig, seed: int) -> None:
-        self.temperature, self.top_k, self.top_p = cfg.temperature, cfg.top_k, cfg.top_p
-        s = torch.tensor([(seed ^ (seed >> 32)) & _M32], dtype=torch.int64)
-        self.seed_hash = _mix32(_mix32(s))
-
-    def filtered(self, logits: torch.Tensor) -> torch.Tensor:
-        """(B, V) logits / T with the tokens outside top-k / top-p set to -inf (float32)."""
-        x = logits.float() / self.temperature
-        if 0 < self.top_k < x.shape[-1]:
-            kth = torch.topk(x, self.top_k, dim=-1).values[:, -1:]  # (B, 1) k-th largest
-            x = x.masked_fill(x < kth, float("-inf"))
-        if self.top_p < 1.0:
-            # Keep the smallest set of top tokens whose mass reaches top_p (the token crossing it included).
-            sorted_x, order = torch.sort(x, dim=-1, descending=True)
-            probs = torch.softmax(sorted_x, dim=-1)
-            drop_sorted = (torch.cumsum(probs, dim=-1) - probs) >= self.top_p
-            x = x.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
-        return x
-
-    def noise(self, keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-        """(B, V) standard Gumbel noise, a pure function of (seed, key, step, token id)."""
-        dev = keys.device
-        h = _mix32(_mix32(self.seed_hash.to(dev) ^ (keys & _M32)) ^ (steps & _M32))  # (B,) one per row/step
-        tok = torch.arange(vocab, device=dev, dtype=torch.int64) * 0x9E3779B1 & _M32  # (V,) spread ids
-        bits = _mix32(h[:, None] ^ tok[None, :])  # (B, V) in [0, 2^32); one round: h is already mixed
-        u = ((bits >> 8).float() + 0.5) / float(1 << 24)  # (B, V) uniform in (0, 1), exact in float32
-        return -torch.log(-torch.log(u))
-
-    def perturbed(self, logits: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        """argmax of this over the vocabulary is an exact sample from the filtered softmax."""
-        return self.filtered(logits) + self.noise(keys, steps, logits.shape[-1])
-
-    def pick(self, logits: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        return self.perturbed(logits, keys, steps).argmax(dim=-1)
-
-
-@dataclass(frozen=True)
-class _Spec:
-    """Everything an engine needs besides the model and the prompts."""
-
-    tokenizer: Any
-    max_new_tokens: int
-    batch_size: int
-    eos_ids: frozenset[int]
-    pad_id: int
-    stop_strings: tuple[str, ...]
-    sampler: Sampler | None  # None: greedy
-    cfg: GenerationConfig
-    seed: int
-
-    def stopped(self, rows: list[list[int]]) -> list[bool]:
-        """Whether each row's text contains a stop string (one batched decode; only with stop strings)."""
-        if not self.stop_strings:
-            return [False] * len(rows)
-        texts = self.tokenizer.batch_decode(rows, skip_special_tokens=True)
-        return [any(s in t for s in self.stop_strings) for t in texts]
-
-
-def _finish(spec: _Spec, row: list[int]) -> Generation:
+def _finish(spec: Spec, row: list[int]) -> Generation:
     """Raw generated ids -> Generation: cut after the first end of turn, or at the first stop string."""
     end = next((i + 1 for i, t in enumerate(row) if t in spec.eos_ids), None)
     row = row[:end] if end is not None else row
@@ -190,284 +118,22 @@ def _finish(spec: _Spec, row: list[int]) -> Generation:
     return Generation(text=text, num_tokens=len(row), finished=end is not None)
 
 
-def _device(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _left_pad(batch: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, T) left-padded ids and attention mask."""
-    width = max(len(ids) for ids in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for i, row in enumerate(batch):
-        ids[i, width - len(row) :] = torch.tensor(row)
-        mask[i, width - len(row) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-# ------------------------------------------------------------------------------------------------------
-# Engine 1: refill. A dynamic-cache batch that drops finished rows and prefills new prompts into free slots.
-
-
-def _refill_supported(model: Any) -> bool:
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "is_encoder_decoder", False):
-        return False
-    try:
-        layers = DynamicCache(config=config).layers
-    except Exception:  # noqa: BLE001 - an exotic config: not ours to run
-        return False
-    return len(layers) > 0 and all(type(layer) is DynamicLayer for layer in layers)
-
-
-def _refill_engine(
-    model: Any, prompt_ids: list[list[int]], keys: list[int], spec: _Spec, on_done: Callable[[int], None]
-) -> list[list[int]]:
-    from transformers import DynamicCache
-
-    dev = _device(model)
-    out: list[list[int]] = [[] for _ in prompt_ids]
-    queue = deque(range(len(prompt_ids)))
-    key_t = torch.tensor(keys, dtype=torch.int64, device=dev)  # (N,) sampler key of each prompt
-    rows: list[int] = []  # prompt index of each active row
-    cache: Any = None
-    mask = pos = last = torch.empty(0, dtype=torch.long, device=dev)  # (B, L), (B,), (B,)
-
-    def pick(logits: torch.Tensor, idx: list[int]) -> torch.Tensor:  # logits (B, V) -> (B,) token ids
-        if spec.sampler is None:
-            return logits.argmax(dim=-1)
-        steps = torch.tensor([len(out[i]) for i in idx], dtype=torch.int64, device=dev)
-        return spec.sampler.pick(logits, key_t[idx], steps)
-
-    while queue or rows:
-        free = spec.batch_size - len(rows)
-        if queue and (not rows or free >= max(1, spec.batch_size // REFILL_FRACTION)):
-            new = [queue.popleft() for _ in range(min(free, len(queue)))]
-            ids, new_mask = _left_pad([prompt_ids[i] for i in new], spec.pad_id, dev)  # (Bn, Ln)
-            new_pos = (new_mask.cumsum(-1) - 1).clamp(min=0)  # positions restart at each row's first token
-            new_cache = DynamicCache(config=model.config)
-            logits = model(
-                input_ids=ids,
-                attention_mask=new_mask,
-                position_ids=new_pos,
-                past_key_values=new_cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]  # (Bn, V)
-            tokens = pick(logits, new)
-            if rows:  # merge: left-pad the shorter cache so both have length L, then stack the rows
-                width = max(mask.shape[1], new_mask.shape[1])
-                for old_layer, new_layer in zip(cache.layers, new_cache.layers):
-                    for name in ("keys", "values"):
-                        a, b = (
-                            getattr(old_layer, name),
-                            getattr(new_layer, name),
-                        )  # (B, H, La, D), (Bn, H, Ln, D)
-                        a = torch.nn.functional.pad(a, (0, 0, width - a.shape[2], 0))
-                        b = torch.nn.functional.pad(b, (0, 0, width - b.shape[2], 0))
-                        setattr(old_layer, name, torch.cat([a, b]))
-                mask = torch.cat(
-                    [
-                        torch.nn.functional.pad(mask, (width - mask.shape[1], 0)),
-                        torch.nn.functional.pad(new_mask, (width - new_mask.shape[1], 0)),
-                    ]
-                )
-                pos, last = torch.cat([pos, new_mask.sum(-1)]), torch.cat([last, tokens])
-            else:
-                cache, mask, pos, last = new_cache, new_mask, new_mask.sum(-1), tokens
-            fresh = len(rows)  # rows before `fresh` got no token this round (theirs is already in `out`)
-            rows += new
-        else:
-            fresh = 0
-            mask = torch.nn.functional.pad(mask, (0, 1), value=1)  # (B, L + 1): the fed token is real
-            logits = model(
-                input_ids=last[:, None],
-                attention_mask=mask,
-                position_ids=pos[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            ).logits[:, -1]  # (B, V)
-            pos = pos + 1
-            last = pick(logits, rows)
-        # Rows fresh.. got a new token (the last one of each row in `last`); only they can have finished.
-        new_tokens = last[fresh:].tolist()
-        for i, t in zip(rows[fresh:], new_tokens):
-            out[i].append(t)
-        stopped = spec.stopped([out[i] for i in rows[fresh:]])
-        done = {
-            fresh + j
-            for j, (i, t) in enumerate(zip(rows[fresh:], new_tokens))
-            if t in spec.eos_ids or len(out[i]) >= spec.max_new_tokens or stopped[j]
-        }
-        keep = [j for j in range(len(rows)) if j not in done]
-        if len(keep) < len(rows):
-            for j in sorted(done):
-                on_done(len(out[rows[j]]))
-            rows = [rows[j] for j in keep]
-            if not rows:
-                cache = None
-                continue
-            sel = torch.tensor(keep, device=dev)
-            first = int(mask[sel].any(0).float().argmax())  # leading columns now padding in every row
-            for layer in cache.layers:
-                layer.keys = layer.keys[sel, :, first:]
-                layer.values = layer.values[sel, :, first:]
-            mask, pos, last = mask[sel, first:], pos[sel], last[sel]
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------
-# Engine 2: Hugging Face `generate` on left-padded batches, with spin's sampler as a logits processor.
-
-
-class _NoisyLogits(LogitsProcessor):
-    """LogitsProcessor: filtered logits / T + Gumbel noise, so generate's greedy argmax is a sample."""
-
-    def __init__(self, sampler: Sampler, keys: torch.Tensor, width: int) -> None:
-        self.sampler, self.keys, self.width = sampler, keys, width
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        steps = torch.full_like(self.keys, input_ids.shape[1] - self.width)  # rows are never reordered
-        return self.sampler.perturbed(scores, self.keys, steps)
-
-
-class _StopText(StoppingCriteria):
-    """StoppingCriteria: a row is done once its generated text contains a stop string."""
-
-    def __init__(self, spec: _Spec, width: int) -> None:
-        self.spec, self.width = spec, width
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        hit = self.spec.stopped(input_ids[:, self.width :].tolist())
-        return torch.tensor(hit, dtype=torch.bool, device=input_ids.device)
-
-
-def hf_generation_config(spec: _Spec) -> Any:
-    """The complete transformers GenerationConfig for `generate`: greedy argmax over spin's processed
-    logits, and every model-default processor that spin does not know about neutralised."""
-    from transformers import GenerationConfig as HFGenerationConfig
-
-    return HFGenerationConfig(
-        # Greedy argmax over _NoisyLogits' output, which is the sample; with do_sample=False transformers
-        # applies none of its warpers (temperature, top-k (default 50!), top-p): spin's sampler does that.
-        do_sample=False,
-        max_new_tokens=spec.max_new_tokens,
-        repetition_penalty=1.0,
-        no_repeat_ngram_size=0,
-        min_length=0,
-        num_beams=1,
-        eos_token_id=sorted(spec.eos_ids),
-        pad_token_id=spec.pad_id,
-    )
-
-
-def _generate_engine(
-    model: Any, prompt_ids: list[list[int]], keys: list[int], spec: _Spec, on_done: Callable[[int], None]
-) -> list[list[int]]:
-    from transformers import LogitsProcessorList, StoppingCriteriaList
-
-    dev = _device(model)
-    out: list[list[int]] = []
-    for b in range(0, len(prompt_ids), spec.batch_size):
-        batch = prompt_ids[b : b + spec.batch_size]
-        ids, mask = _left_pad(batch, spec.pad_id, dev)  # (B, T)
-        width = ids.shape[1]
-        processors = LogitsProcessorList()
-        if spec.sampler is not None:
-            key_t = torch.tensor(keys[b : b + spec.batch_size], dtype=torch.int64, device=dev)
-            processors.append(_NoisyLogits(spec.sampler, key_t, width))
-        stopping = StoppingCriteriaList([_StopText(spec, width)] if spec.stop_strings else [])
-        generated = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            generation_config=hf_generation_config(spec),
-            logits_processor=processors,
-            stopping_criteria=stopping,
-        )[:, width:].tolist()  # (B, N): padded after a row ends
-        for row in generated:
-            end = next((i + 1 for i, t in enumerate(row) if t in spec.eos_ids), len(row))
-            out.append(row[:end])
-            on_done(end)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------------
-# Engine 3: transformers' continuous batching (paged attention).
-
-
-def _continuous_supported(model: Any) -> bool:
-    config = getattr(model, "config", None)
-    return (
-        config is not None
-        and not getattr(config, "is_encoder_decoder", False)
-        and callable(getattr(model, "generate_batch", None))
-        and bool(getattr(model, "_supports_attention_backend", False))
-    )
-
-
-def _continuous_engine(
-    model: Any, prompt_ids: list[list[int]], keys: list[int], spec: _Spec, on_done: Callable[[int], None]
-) -> list[list[int]]:
-    from transformers import GenerationConfig as HFGenerationConfig
-    from transformers.generation.configuration_utils import ContinuousBatchingConfig
-
-    dev = _device(model)
-    sample = spec.sampler is not None
-    gen_cfg = HFGenerationConfig(
-        do_sample=sample,
-        max_new_tokens=spec.max_new_tokens,
-        temperature=spec.cfg.temperature if sample else None,
-        top_k=spec.cfg.top_k if sample else None,  # 0 disables (None would let the default of 50 in)
-        top_p=spec.cfg.top_p if sample else None,
-        eos_token_id=sorted(spec.eos_ids),
-        pad_token_id=spec.pad_id,
-    )
-    seed = _shard_seed(spec.seed, keys[0] if keys else 0)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        seed -= torch.distributed.get_rank()  # it seeds with seed + rank; undo so ranks sample alike
-    cb: dict[str, Any] = {"seed": seed, "max_requests_per_batch": spec.batch_size}
-    if dev.type == "cpu":
-        # Left alone it sizes the paged cache from free memory: 90% of the machine's RAM on CPU.
-        page = 32
-        longest = max(len(p) for p in prompt_ids) + spec.max_new_tokens
-        cb.update(
-            page_size=page, num_blocks=spec.batch_size * (-(-longest // page) + 1), max_batch_tokens=1024
-        )
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # it reseeds the global RNG
-        results = model.generate_batch(
-            prompt_ids,
-            generation_config=gen_cfg,
-            continuous_batching_config=ContinuousBatchingConfig(**cb),
-            warmup=dev.type == "cuda",
-        )
-    ordered = list(results.values())  # returned in input order
-    if len(ordered) != len(prompt_ids) or any(r.error is not None for r in ordered):
-        raise RuntimeError("continuous batching lost or failed requests; use generation.engine=generate")
-    out = [list(r.generated_tokens) for r in ordered]
-    for row in out:
-        on_done(len(row))
-    return out
-
-
 _ENGINE_FNS: dict[str, Callable[..., list[list[int]]]] = {
-    "refill": _refill_engine,
-    "generate": _generate_engine,
-    "continuous": _continuous_engine,
+    "refill": refill_engine,
+    "generate": generate_engine,
+    "continuous": continuous_engine,
 }
 
 
 def supported_engines(model: Any) -> list[str]:
     """The engines that can run `model`, in the order auto measures them."""
-    ok = {"refill": _refill_supported(model), "generate": True, "continuous": _continuous_supported(model)}
+    ok = {"refill": refill_supported(model), "generate": True, "continuous": continuous_supported(model)}
     return [e for e in ENGINES if ok[e]]
 
 
-def _choose_engine(model: Any, prompt_ids: list[list[int]], spec: _Spec, accelerator: Any) -> tuple[str, str]:
+def _choose_engine(model: Any, prompt_ids: list[list[int]], spec: Spec, accelerator: Any) -> tuple[str, str]:
     """auto: time every supported engine once on a probe of the prompts; the fastest wins (cached)."""
-    config, dev = getattr(model, "config", None), _device(model)
+    config, dev = getattr(model, "config", None), model_device(model)
     key = (
         type(model).__name__,
         getattr(config, "hidden_size", None),
@@ -490,7 +156,7 @@ def _choose_engine(model: Any, prompt_ids: list[list[int]], spec: _Spec, acceler
             n = spec.batch_size  # one batch per engine: a few % of a real generation, once per process
             probe = [prompt_ids[round(i * (len(prompt_ids) - 1) / max(n - 1, 1))] for i in range(n)]
             with torch.inference_mode():  # warm-up: first-call costs must not count against one engine
-                _generate_engine(model, probe[:1], [0], _replace_max_new(spec, 2), lambda _: None)
+                generate_engine(model, probe[:1], [0], replace(spec, max_new_tokens=2), lambda _: None)
             times: dict[str, float] = {}
             for engine in candidates:
                 start = time.perf_counter()
@@ -515,14 +181,8 @@ def _choose_engine(model: Any, prompt_ids: list[list[int]], spec: _Spec, acceler
     return engine, reason
 
 
-def _replace_max_new(spec: _Spec, max_new_tokens: int) -> _Spec:
-    from dataclasses import replace
-
-    return replace(spec, max_new_tokens=max_new_tokens)
-
-
 def _resolve_engine(
-    model: Any, prompt_ids: list[list[int]], spec: _Spec, shard_dir: Path | None, accelerator: Any, desc: str
+    model: Any, prompt_ids: list[list[int]], spec: Spec, shard_dir: Path | None, accelerator: Any, desc: str
 ) -> str:
     engine = spec.cfg.engine
     if engine != "auto":
@@ -577,13 +237,14 @@ def generate_responses(
 ) -> list[Generation]:
     """One response per prompt, in input order (see the module docstring for engines, sharding, resume)."""
     prompt_ids = [encode(tokenizer, render_prompt(tokenizer, p)) for p in prompts]
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))  # longest first: OOM shows early
+    # Longest first (an out-of-memory error shows at once), identical prompts side by side (refill runs them once).
+    order = sorted(range(len(prompts)), key=lambda i: (-len(prompt_ids[i]), prompt_ids[i]))
     shards = [order[s : s + cfg.shard_size] for s in range(0, len(order), cfg.shard_size)]
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     if shard_dir is not None:
         shard_dir.mkdir(parents=True, exist_ok=True)
     sampler = None if greedy or cfg.temperature == 0 else Sampler(cfg, seed)
-    spec = _Spec(
+    spec = Spec(
         tokenizer=tokenizer,
         max_new_tokens=cfg.max_new_tokens,
         batch_size=cfg.batch_size,

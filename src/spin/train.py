@@ -370,7 +370,8 @@ def _configure_deepspeed(accelerator: Any, cfg: TrainConfig) -> None:
     ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
     ds["train_batch_size"] = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     ds["gradient_clipping"] = cfg.max_grad_norm  # DeepSpeed clips inside its step, not clip_grad_norm_
-    ds.setdefault("zero_allow_untested_optimizer", True)  # ZeRO refuses RMSprop / SGD client optimizers without it
+    # ZeRO refuses RMSprop / SGD client optimizers without this flag.
+    ds.setdefault("zero_allow_untested_optimizer", True)
 
 
 def resolve_precision(precision: str) -> str:
