@@ -25,7 +25,7 @@ from transformers.cache_utils import DynamicLayer
 
 from spin.config import GenerationConfig
 
-REFILL_FRACTION = 8  # refill once >= batch_size / 2 slots are free (measured: 2 beats 4 and 8 on CPU)
+REFILL_FRACTION = 2  # refill once >= batch_size / 2 slots are free (measured: 2 beats 4 and 8 on CPU)
 SPARE_COLUMNS = 16  # refill cache buffers get this many spare columns: one reallocation per 16 decode steps
 
 

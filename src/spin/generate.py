@@ -236,7 +236,11 @@ def generate_responses(
     on_shard: Callable[[int], None] | None = None,
 ) -> list[Generation]:
     """One response per prompt, in input order (see the module docstring for engines, sharding, resume)."""
-    prompt_ids = [encode(tokenizer, render_prompt(tokenizer, p)) for p in prompts]
+    # Render and tokenize each distinct conversation once (built-in tasks repeat prompts many times).
+    first: dict[str, int] = {}
+    which = [first.setdefault(json.dumps(p, sort_keys=True), i) for i, p in enumerate(prompts)]
+    encoded = {i: encode(tokenizer, render_prompt(tokenizer, prompts[i])) for i in first.values()}
+    prompt_ids = [encoded[i] for i in which]
     # Longest first (an out-of-memory error shows at once), identical prompts side by side (refill runs them once).
     order = sorted(range(len(prompts)), key=lambda i: (-len(prompt_ids[i]), prompt_ids[i]))
     shards = [order[s : s + cfg.shard_size] for s in range(0, len(order), cfg.shard_size)]

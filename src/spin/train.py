@@ -237,7 +237,9 @@ def train_iteration(
                         hint="lower train.learning_rate or use train.precision=fp32, then rerun with --force",
                     )
                 accelerator.backward(loss)  # scaled by 1/accum inside
-                accuracy = (out.real_rewards > out.generated_rewards).float().mean()
+                # Ties (identical pairs, and every pair at step 1) count 1/2, as in the held-out discriminability.
+                wins = (out.real_rewards > out.generated_rewards).float()
+                accuracy = (wins + 0.5 * (out.real_rewards == out.generated_rewards).float()).mean()
                 row = torch.stack(
                     [loss.detach(), out.real_rewards.mean(), out.generated_rewards.mean(), accuracy]
                 )
