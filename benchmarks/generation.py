@@ -30,7 +30,12 @@ end of turn, so every row runs to max_new_tokens (the engine's row dropping cann
 Prints the decode roofline: each step reads every weight once, 2 bytes x N parameters.
 
     python benchmarks/generation.py [--device cuda] [--prompts 1024] [--max-new-tokens 64]
+    python benchmarks/generation.py --threads 1 --model-cache /tmp/bench_model --system-prompts
     python benchmarks/generation.py --qwen --device cuda
+
+`--threads` (default 2) sets torch's CPU threads: on a machine shared with other jobs, 2 threads can be many
+times slower than 1 (OpenMP threads waiting for each other), so compare runs at the same setting and load.
+`--model-cache DIR` keeps the SFT model (300 steps take minutes on 2 cores) for the next run.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ in order, calling `on_done(num_tokens)` as prompts finish:
 
 `Sampler` draws tokens by the Gumbel-max trick with noise hashed from (seed, prompt key, step, token id), so
 a sample does not depend on the batch it was drawn in. See `spin.generate` for how the engines are chosen.
+
+Departure from the paper: none in what is sampled (the paper samples one prompt at a time); this is only
+how fast. `python benchmarks/generation.py` compares the engines with the one-at-a-time loop;
+tests/test_generate.py checks every engine's greedy output against one-at-a-time `model.generate`.
 """
 
 from __future__ import annotations
@@ -209,9 +213,8 @@ class _Batch:
         keep = [j for j, a in enumerate(self.alive) if a]
         sel = torch.tensor(keep, dtype=torch.long, device=self.dev)
         old_mask = self.mask[sel]  # (Bk, L)
-        first = (
-            int(old_mask.any(0).to(torch.int8).argmax()) if keep else old_mask.shape[1]
-        )  # real columns start
+        # The first column that is real in some kept row: the columns before it are padding in every row.
+        first = int(old_mask.any(0).to(torch.int8).argmax()) if keep else old_mask.shape[1]
         old_mask = old_mask[:, first:]
         rows, pos, last = [self.rows[j] for j in keep], self.pos[sel], self.last[sel]
         masks = [old_mask]
