@@ -3,7 +3,8 @@
 What: two toy tasks for the tiny character-level models, each a `Task` with a data generator
 (`make_examples(n, seed) -> list[Example]`) and a scorer (`score(examples, generations, logp_fn=None)`).
 
-- `addition` (deterministic): the prompt is "47+385=", the reply the exact sum "432". Metric: exact match.
+- `addition` (deterministic): the prompt is "07+38=", the reply the exact sum "045", operands and sum
+  zero-padded to a fixed width so digits line up by position. Metric: exact match.
 - `grammar` (stochastic): the prompt is a key "u|v" naming two short units of letters; the reply is one
   unit repeated k times. With the defaults below:
 
@@ -54,8 +55,8 @@ LogpFn = Callable[[list[list[Message]], list[str]], list[float]]
 # --- demo knobs (read at call time) -----------------------------------------------------------------------
 
 ADDITION_MAX_DIGITS = 2
-"""Operands have 1..ADDITION_MAX_DIGITS digits (2: "99+99=" -> "198"). The demo's 2-layer model learns 2-digit
-addition in about a minute of CPU training; 3 digits ("999+999=") takes several times longer."""
+"""Operands have ADDITION_MAX_DIGITS digits, zero-padded (2: "07+38=" -> "045"). The demo's 2-layer model learns
+2-digit addition in a few hundred SFT steps; 3 digits ("007+385=" -> "0392") takes several times longer."""
 
 GRAMMAR_KEYS: tuple[str, ...] = (
     "ab|c",
@@ -119,19 +120,16 @@ def _check_lengths(examples: list[Example], generations: list[str]) -> None:
 # --- addition ----------------------------------------------------------------------------------------------
 
 
-def _addition_operand(rng: random.Random, max_digits: int) -> int:
-    # Number of digits uniform in 1..max_digits, then a uniform value with that many digits (0..9 for 1),
-    # so short and long operands are equally common (uniform values would be ~90% 3-digit).
-    digits = rng.randint(1, max_digits)
-    low = 0 if digits == 1 else 10 ** (digits - 1)
-    return rng.randint(low, 10**digits - 1)
-
-
 def make_addition_examples(n: int, seed: int) -> list[Example]:
-    """n examples "a+b=" -> "a+b" with 1..ADDITION_MAX_DIGITS-digit operands, deterministic in `seed`.
+    """n examples "07+38=" -> "045": operands uniform in 0..10^d - 1 (d = ADDITION_MAX_DIGITS), deterministic
+    in `seed`. Operands are zero-padded to d digits and the sum to d + 1.
 
-    Prompts are distinct while possible: if n exceeds the number of possible problems (10^(2d) for d
-    digits), every problem appears once (in random order) and the list then starts over.
+    Why fixed width: the digits to add then sit at fixed offsets, and a 2-layer model learns the task within
+    a few hundred steps for every seed; with unpadded operands ("7+38=" -> "45") learning stalled on
+    seed-dependent plateaus of 500 to 1500+ steps in our runs (docs/results.md, "The demo").
+
+    Prompts are distinct while possible: if n exceeds the number of possible problems (10^(2d)), every
+    problem appears once (in random order) and the list then starts over.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -139,22 +137,28 @@ def make_addition_examples(n: int, seed: int) -> list[Example]:
     if max_digits < 1:
         raise SpinError(f"ADDITION_MAX_DIGITS must be >= 1, got {max_digits}")
     rng = random.Random(seed)
-    space = 10 ** (2 * max_digits)
+    top = 10**max_digits
+    space = top * top
     pairs: list[tuple[int, int]] = []
     if 2 * n <= space:  # rejection sampling terminates quickly: at most half the problems are taken
         seen: set[tuple[int, int]] = set()
         while len(pairs) < n:
-            pair = (_addition_operand(rng, max_digits), _addition_operand(rng, max_digits))
+            pair = (rng.randrange(top), rng.randrange(top))
             if pair not in seen:
                 seen.add(pair)
                 pairs.append(pair)
     else:  # small problem space: enumerate it, shuffle, repeat
-        top = 10**max_digits
         every = [(a, b) for a in range(top) for b in range(top)]
         rng.shuffle(every)
         pairs = [every[i % space] for i in range(n)]
+    d = max_digits
     return [
-        Example(prompt=_user_prompt(f"{a}+{b}="), response=str(a + b), reference=str(a + b), meta={})
+        Example(
+            prompt=_user_prompt(f"{a:0{d}d}+{b:0{d}d}="),
+            response=f"{a + b:0{d + 1}d}",
+            reference=f"{a + b:0{d + 1}d}",
+            meta={},
+        )
         for a, b in pairs
     ]
 
@@ -331,7 +335,7 @@ _TASKS: dict[str, Task] = {
     "addition": Task(
         name="addition",
         primary_metric="exact_match",
-        description="deterministic: 'a+b=' -> the exact sum, operands of 1..ADDITION_MAX_DIGITS digits",
+        description="deterministic: '07+38=' -> '045', the exact sum, zero-padded to a fixed width",
         make_examples=make_addition_examples,
         score=score_addition,
     ),
