@@ -294,3 +294,38 @@ def test_token_logps_bf16_logits() -> None:
     assert got.dtype == torch.float32 and logits.grad is not None and logits.grad.dtype == torch.bfloat16
     assert torch.allclose(got, want, atol=1e-5)
     assert torch.allclose(logits.grad.float(), ref_logits.grad, atol=1e-2)
+
+
+def test_sft_train_stops_when_told(tok_model: tuple[Any, Any]) -> None:
+    """`stop(step)` is asked every `check_every` steps, in eval mode; the first True ends training there."""
+    from spin.tasks import get_task
+    from spin.train import sft_train
+
+    tok, model = tok_model
+    model = copy.deepcopy(model)  # the fixture's model is shared
+    make = get_task("addition").make_examples
+    assert make is not None
+    examples = make(64, 1)
+    asked: list[tuple[int, bool]] = []
+
+    def stop(step: int) -> bool:
+        asked.append((step, model.training))
+        return step >= 6
+
+    before = [p.detach().clone() for p in model.parameters()]
+    losses = sft_train(
+        model,
+        tok,
+        [e.prompt for e in examples],
+        [e.response for e in examples],
+        steps=100,
+        lr=1e-3,
+        batch_size=8,
+        seed=0,
+        lr_scheduler="constant",
+        stop=stop,
+        check_every=3,
+    )
+    assert asked == [(3, False), (6, False)]  # asked at steps 3 and 6, never in train mode; stopped at 6
+    assert len(losses) == 6 and not model.training
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))

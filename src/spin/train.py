@@ -439,12 +439,22 @@ def sft_train(
     seed: int,
     max_length: int = 256,
     desc: str = "sft",
+    lr_scheduler: str = "cosine",
+    warmup_ratio: float = 0.05,
+    stop: Callable[[int], bool] | None = None,
+    check_every: int = 50,
 ) -> list[float]:
-    """Plain supervised fine-tuning (mean token NLL of the response), for the demo and the baselines."""
+    """Plain supervised fine-tuning (mean token NLL of the response), for the demo and the baselines.
+
+    AdamW, `warmup_ratio` of the steps warming up, then `lr_scheduler` (cosine or linear to zero at `steps`, or
+    constant). `stop(step)`,
+    called every `check_every` steps with the model in eval mode, ends training early when it returns True
+    (the demo stops its warm-up once the model answers a given fraction of problems).
+    """
     feats = encode_all(tokenizer, prompts, responses, max_length)
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    scheduler = make_scheduler(optimizer, "cosine", max(1, steps // 20), steps)
+    scheduler = make_scheduler(optimizer, lr_scheduler, max(1, round(steps * warmup_ratio)), steps)
     model.train()
     device = next(model.parameters()).device
     losses = []
@@ -462,5 +472,10 @@ def sft_train(
         optimizer.step()
         scheduler.step()
         losses.append(loss.item())
+        if stop is not None and len(losses) % check_every == 0:
+            model.eval()
+            if stop(len(losses)):
+                break
+            model.train()
     model.eval()
     return losses
