@@ -79,3 +79,22 @@ def test_pair_contents(make_config, tiny_model_dir: Path, tmp_path: Path) -> Non
     # TRL's conversational preference format: prompt / chosen / rejected message lists.
     assert {"prompt", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps"} <= set(pairs[0])
     assert not set(e.prompt[0]["content"] for e in held_out) & set(e.prompt[0]["content"] for e in train)
+
+
+def test_pair_stats_count_identical_pairs_and_warn_when_most_are() -> None:
+    from spin.pairs import identical_pairs_warning, pair_stats
+
+    def pair(real: str, sample: str) -> dict:
+        prompt = [{"role": "user", "content": "1+1="}]
+        reply, generated = {"role": "assistant", "content": real}, {"role": "assistant", "content": sample}
+        return {"prompt": prompt, "chosen": [reply], "rejected": [generated]}
+
+    # 2 of 3 identical -> 2/3 >= 0.5: warned; 1 of 3 -> 1/3: not.
+    mostly = pair_stats([pair("02", "02"), pair("02", "02"), pair("02", "03")])
+    assert mostly["identical_pairs"] == 2 and mostly["identical_fraction"] == pytest.approx(2 / 3)
+    warning = identical_pairs_warning(mostly, 2)
+    assert warning is not None and warning.startswith("iteration 2: 2 of 3 pairs (67%)")
+    assert (
+        identical_pairs_warning(pair_stats([pair("02", "02"), pair("02", "12"), pair("02", "03")]), 2) is None
+    )
+    assert identical_pairs_warning(pair_stats([]), 1) is None

@@ -45,7 +45,7 @@ from spin.io import (
 )
 from spin.modeling import encode, load_model, load_tokenizer, render_prompt
 from spin.opponent import make_iteration_pairs
-from spin.pairs import pair_stats
+from spin.pairs import identical_pairs_warning, pair_stats
 from spin.resume import CHECKPOINT, RunLock, check_resume_config, tidy_run_folder, train_finished
 from spin.train import make_accelerator, train_iteration
 
@@ -175,6 +175,8 @@ def _play(cfg: SpinConfig, force: bool, accelerator: Any, run_dir: Path, start: 
                     mark_done(it_dir, "pairs")
                 accelerator.wait_for_everyone()
             pairs = list(read_jsonl(it_dir / "pairs.jsonl"))
+            if main and (warning := identical_pairs_warning(pair_stats(pairs), t)):
+                log.warning(warning)
             if not train_finished(it_dir):
                 # Main player p_t, initialised from p_{t-1} (the same weights), trained in place.
                 train_iteration(
