@@ -89,9 +89,8 @@ def build_sft_model(cfg: SpinConfig) -> dict[str, Any]:
     from spin.train import sft_train
 
     check = train[:SFT_CHECK_PROMPTS]  # training prompts: the warm-up never looks at the held-out set
-    check_gen = dataclasses.replace(
-        cfg.generation, engine="refill"
-    )  # one batch: no engine timing, no log line
+    # One batch of prompts: name the engine, so no probe timing and no log line at every check.
+    check_gen = dataclasses.replace(cfg.generation, engine="refill")
     curve: list[tuple[int, float]] = []
 
     def reached_target(step: int) -> bool:

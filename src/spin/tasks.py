@@ -31,8 +31,8 @@ How to use:
     metrics = task.score(eval_examples, generations, logp_fn)
     metrics[task.primary_metric]            # higher is better for every primary metric
 
-To make the demo easier or harder, change the module constants (`ADDITION_MAX_DIGITS = 3` takes several
-times longer to learn than the default 2; `GRAMMAR_MAX_REPEAT` sets the longest reply). They are read at call time.
+To make the demo easier or harder, change the module constants (`ADDITION_MAX_DIGITS = 3` is a harder task
+than the default 2, not tuned for the demo; `GRAMMAR_MAX_REPEAT` sets the longest reply). They are read at call time.
 All text is plain ASCII and short (prompts <= 9 chars, replies <= 16 chars with the defaults), to fit the
 character-level vocabulary. Prompts are single user turns.
 """
@@ -56,7 +56,7 @@ LogpFn = Callable[[list[list[Message]], list[str]], list[float]]
 
 ADDITION_MAX_DIGITS = 2
 """Operands have ADDITION_MAX_DIGITS digits, zero-padded (2: "07+38=" -> "045"). The demo's 2-layer model learns
-2-digit addition in a few hundred SFT steps; 3 digits ("007+385=" -> "0392") takes several times longer."""
+2-digit addition in a few hundred SFT steps; 3 digits ("007+385=" -> "0392") is harder (not tuned for the demo)."""
 
 GRAMMAR_KEYS: tuple[str, ...] = (
     "ab|c",
