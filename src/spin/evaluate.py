@@ -85,7 +85,7 @@ def evaluate_model(
     accelerator: Any = None,
 ) -> tuple[dict[str, float | None], EvalState, list[dict[str, str]]]:
     """Metrics of the model at `iteration` on the held-out `examples`; see the module docstring."""
-    from spin.tasks import get_task
+    from spin.tasks import TASK_NAMES, get_task
 
     prompts = [ex.prompt for ex in examples]
     real = [ex.response for ex in examples]
@@ -133,7 +133,7 @@ def evaluate_model(
         )
 
     # Task metrics: greedy answers for deterministic tasks, the samples for distributional ones.
-    task = get_task(cfg.task) if cfg.task in ("addition", "grammar") else None
+    task = get_task(cfg.task) if cfg.task in TASK_NAMES else None
     answers = own
     if ecfg.greedy and (task is None or task.name != "grammar"):
         greedy = generate_responses(
@@ -160,9 +160,9 @@ def evaluate_model(
 
 def primary_metric(cfg: SpinConfig, examples: list[Example]) -> str:
     """The metric the stopping rule and the report lead with (higher is better)."""
-    if cfg.task in ("addition", "grammar"):
-        from spin.tasks import get_task
+    from spin.tasks import TASK_NAMES, get_task
 
+    if cfg.task in TASK_NAMES:
         return get_task(cfg.task).primary_metric
     if any(ex.reference is not None for ex in examples):
         return "answer_exact_match"

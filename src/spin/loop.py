@@ -43,10 +43,17 @@ from spin.io import (
     write_json,
     write_jsonl,
 )
-from spin.modeling import encode, load_model, load_tokenizer, render_prompt
+from spin.modeling import (
+    encode,
+    load_model,
+    load_tokenizer,
+    render_prompt,
+    resolve_source,
+    save_model,
+)
 from spin.opponent import make_iteration_pairs
 from spin.pairs import identical_pairs_warning, pair_stats
-from spin.resume import CHECKPOINT, RunLock, check_resume_config, tidy_run_folder, train_finished
+from spin.resume import BASE_MODEL, CHECKPOINT, RunLock, check_resume_config, tidy_run_folder, train_finished
 from spin.train import make_accelerator, train_iteration
 
 log = logging.getLogger("spin")
@@ -98,6 +105,20 @@ def _summary(run_dir: Path, cfg: SpinConfig, primary: str, data_stats: dict, sto
     }
 
 
+def read_seconds(it_dir: Path) -> dict[str, float]:
+    """Wall seconds per stage of an iteration so far (`timings.json`: generate, score, train)."""
+    path = it_dir / "timings.json"
+    return {k: float(v) for k, v in read_json(path).items()} if path.exists() else {}
+
+
+def add_seconds(it_dir: Path, seconds: dict[str, float]) -> None:
+    """Add stage times to `timings.json` (a resumed stage adds the time of its second part)."""
+    totals = read_seconds(it_dir)
+    for k, v in seconds.items():
+        totals[k] = totals.get(k, 0.0) + v
+    write_json(it_dir / "timings.json", totals)
+
+
 def should_stop(history: list[dict[str, Any]], primary: str, cfg: SpinConfig) -> str | None:
     """The stopping rule: discriminability near 1/2, or no improvement of the primary metric."""
     stop = cfg.eval.stop
@@ -135,6 +156,22 @@ def run(cfg: SpinConfig, force: bool = False, accelerator: Any = None) -> dict[s
         return _play(cfg, force, accelerator, run_dir, cfg.model.name_or_path)
 
 
+def start_checkpoint(cfg: SpinConfig, run_dir: Path, accelerator: Any) -> str:
+    """The folder (or Hub id) the game starts from: `model.name_or_path`, or for a GGUF start its plain
+    safetensors conversion `RUN_DIR/base_model/`, written once (dequantizing costs ~20 s per load)."""
+    assert cfg.model.name_or_path is not None
+    if resolve_source(cfg.model.name_or_path, cfg.model).gguf_file is None:
+        return cfg.model.name_or_path
+    base = run_dir / BASE_MODEL
+    if accelerator.is_main_process and not is_done(run_dir, BASE_MODEL):
+        log.info("converting the GGUF model %s to safetensors in %s", cfg.model.name_or_path, base)
+        tokenizer = load_tokenizer(cfg.model.name_or_path, cfg.model)
+        save_model(load_model(cfg.model.name_or_path, cfg.model, device=accelerator.device), tokenizer, base)
+        mark_done(run_dir, BASE_MODEL)
+    accelerator.wait_for_everyone()
+    return str(base)
+
+
 def _play(cfg: SpinConfig, force: bool, accelerator: Any, run_dir: Path, start: str) -> dict[str, Any]:
     from spin.logging_utils import IterationLogger, print_iteration
 
@@ -143,6 +180,7 @@ def _play(cfg: SpinConfig, force: bool, accelerator: Any, run_dir: Path, start: 
         check_resume_config(run_dir, cfg, force)
         tidy_run_folder(run_dir)
     accelerator.wait_for_everyone()
+    start = start_checkpoint(cfg, run_dir, accelerator)
 
     tokenizer = load_tokenizer(start, cfg.model)
     train_examples, held_out, data_stats = load_examples(cfg, tokenizer)
@@ -168,8 +206,12 @@ def _play(cfg: SpinConfig, force: bool, accelerator: Any, run_dir: Path, start: 
         if t >= 1:
             if not is_done(it_dir, "pairs"):
                 # Opponent p_{t-1}: one sample per training prompt, then the reference log-probs of both sides.
-                pairs = make_iteration_pairs(model, tokenizer, train_examples, cfg, t, run_dir, accelerator)
+                clock: dict[str, float] = {}
+                pairs = make_iteration_pairs(
+                    model, tokenizer, train_examples, cfg, t, run_dir, accelerator, timings=clock
+                )
                 if main:
+                    add_seconds(it_dir, clock)
                     write_jsonl(it_dir / "pairs.jsonl", pairs)
                     write_json(it_dir / "pair_stats.json", pair_stats(pairs))
                     mark_done(it_dir, "pairs")
@@ -179,6 +221,7 @@ def _play(cfg: SpinConfig, force: bool, accelerator: Any, run_dir: Path, start: 
                 log.warning(warning)
             if not train_finished(it_dir):
                 # Main player p_t, initialised from p_{t-1} (the same weights), trained in place.
+                start_train = time.perf_counter()
                 train_iteration(
                     model,
                     tokenizer,
@@ -192,6 +235,8 @@ def _play(cfg: SpinConfig, force: bool, accelerator: Any, run_dir: Path, start: 
                     writer=loggers.writer(t),
                     save_dir=it_dir / "model",
                 )
+                if main:
+                    add_seconds(it_dir, {"train": time.perf_counter() - start_train})
             if main and not is_done(it_dir, "train"):
                 # Also reached when a process died after saving the model but before writing the marker.
                 shutil.rmtree(it_dir / CHECKPOINT, ignore_errors=True)
@@ -210,7 +255,9 @@ def _play(cfg: SpinConfig, force: bool, accelerator: Any, run_dir: Path, start: 
             metrics = read_json(it_dir / "metrics.json")
             state = EvalState(**read_json(it_dir / "eval_state.json"))
         else:
+            start_eval = time.perf_counter()
             metrics, state, samples = evaluate_model(model, tokenizer, held_out, cfg, t, state)
+            metrics["seconds_eval"] = time.perf_counter() - start_eval
             if t >= 1:
                 metrics.update({f"pairs_{k}": v for k, v in read_json(it_dir / "pair_stats.json").items()})
             if cfg.eval.lm_eval_tasks:  # optional benchmarks (spin[lmeval]); iteration 0 fails fast on a typo
@@ -220,6 +267,7 @@ def _play(cfg: SpinConfig, force: bool, accelerator: Any, run_dir: Path, start: 
                 args = (e.lm_eval_tasks, e.lm_eval_include_path, e.lm_eval_limit, e.batch_size)
                 metrics.update(run_lm_eval(model_path, *args, model=model, tokenizer=tokenizer))
             metrics["seconds"] = time.perf_counter() - t0
+            metrics.update({f"seconds_{k}": v for k, v in read_seconds(it_dir).items()})
             if main:
                 write_json(it_dir / "eval_state.json", state.to_dict())
                 write_jsonl(it_dir / "samples.jsonl", samples)

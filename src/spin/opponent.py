@@ -50,6 +50,7 @@ from __future__ import annotations
 import functools
 import gc
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -63,6 +64,7 @@ from spin.io import read_jsonl
 from spin.loss import mix_reference_logps
 from spin.modeling import load_model
 from spin.pairs import build_pairs, chosen_text, rejected_text, score_logps
+from spin.resume import base_model_dir
 
 T = TypeVar("T")
 
@@ -94,10 +96,11 @@ def assign_iterates(n: int, cfg: SpinConfig, t: int) -> list[int]:
 
 
 def iterate_path(cfg: SpinConfig, run_dir: Path, s: int) -> str | Path:
-    """Checkpoint of iterate s: the starting model for s = 0, else `run_dir/iteration_s/model`."""
+    """Checkpoint of iterate s: the starting model for s = 0 (its safetensors conversion for a GGUF start,
+    `run_dir/base_model`), else `run_dir/iteration_s/model`."""
     if s == 0:
         assert cfg.model.name_or_path is not None
-        return cfg.model.name_or_path
+        return base_model_dir(run_dir) or cfg.model.name_or_path
     return Path(run_dir) / f"iteration_{s}" / "model"
 
 
@@ -174,8 +177,12 @@ def make_iteration_pairs(
     t: int,
     run_dir: Path,
     accelerator: Any = None,
+    timings: dict[str, float] | None = None,
 ) -> list[dict]:
-    """All training pairs of iteration t with reference log-probs (`model` is the opponent p_{t-1})."""
+    """All training pairs of iteration t with reference log-probs (`model` is the opponent p_{t-1}).
+
+    `timings` (optional) gets the seconds spent generating (`generate`) and scoring (`score`) added."""
+    clock = timings if timings is not None else {}
     run_dir = Path(run_dir)
     it_dir = run_dir / f"iteration_{t}"
     kind = cfg.train.reference.kind
@@ -189,6 +196,7 @@ def make_iteration_pairs(
         """Iterate s (loaded as m) samples y' for its prompts and scores both replies of those pairs."""
         idx = [i for i, a in enumerate(assigned) if a == s]
         single = len(window) == 1
+        start = time.perf_counter()
         gens = generate_responses(
             m,
             tokenizer,
@@ -199,13 +207,16 @@ def make_iteration_pairs(
             desc=f"generate {t}" if single else f"generate {t} (iterate {s})",
             accelerator=accelerator,
         )
+        clock["generate"] = clock.get("generate", 0.0) + time.perf_counter() - start
         group = build_pairs([examples[i] for i in idx], gens, iteration=t)
         for i, p in zip(idx, group):
             p["id"] = f"{t}-{i}"
             p["opponent_iteration"] = s
             p["reference_iteration"] = s
             fresh[i] = p
-        scored.append((group, _score_pairs(m, tokenizer, group, cfg, f"score {t} (iterate {s})")))
+        scored.append(
+            (group, timed(clock, "score", _score_pairs, m, tokenizer, group, cfg, f"score {t} (iterate {s})"))
+        )
 
     # 1. The opponent p_{t-1}, resident: its own prompts, then the mixed-in pairs of earlier iterations.
     play(model, t - 1)
@@ -216,7 +227,9 @@ def make_iteration_pairs(
         if kind != "alpha":
             for col in _ALPHA_COLUMNS:
                 p.pop(col, None)
-    scored.append((mixed, _score_pairs(model, tokenizer, mixed, cfg, f"score {t} (mixed)")))
+    scored.append(
+        (mixed, timed(clock, "score", _score_pairs, model, tokenizer, mixed, cfg, f"score {t} (mixed)"))
+    )
 
     # 2. Older iterates (fictitious play), each loaded alone, for the prompts assigned to it.
     for s in window:
@@ -229,8 +242,17 @@ def make_iteration_pairs(
             key = "opponent" if kind == "alpha" else "ref"
             p[f"{key}_chosen_logps"], p[f"{key}_rejected_logps"] = real, generated
     if kind == "alpha":
-        _add_alpha_reference(model, tokenizer, pairs, cfg, t, run_dir)
+        timed(clock, "score", _add_alpha_reference, model, tokenizer, pairs, cfg, t, run_dir)
     return pairs
+
+
+def timed(clock: dict[str, float], stage: str, fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args), its wall time added to clock[stage]."""
+    start = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        clock[stage] = clock.get(stage, 0.0) + time.perf_counter() - start
 
 
 def _add_alpha_reference(

@@ -49,6 +49,12 @@ HARMLESS = (
     "generation.engine",
 )
 CHECKPOINT = "trainer_checkpoint"
+BASE_MODEL = "base_model"  # RUN_DIR/base_model: a GGUF starting model converted once to safetensors
+
+
+def base_model_dir(run_dir: Path) -> Path | None:
+    """RUN_DIR/base_model once its conversion finished (`.base_model.done`), else None."""
+    return Path(run_dir) / BASE_MODEL if (Path(run_dir) / f".{BASE_MODEL}.done").exists() else None
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
