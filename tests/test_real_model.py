@@ -104,26 +104,41 @@ def test_end_of_turn_is_scored_although_it_is_the_pad_token(lm: tuple[Any, Any])
         assert abs(forward_logps(model, cut).item() - alone[0].item()) > 1e-3
 
 
-def test_reference_logps_equal_plain_transformers(lm: tuple[Any, Any]) -> None:
-    """log p(reply | prompt) as spin stores it = apply_chat_template on the whole conversation, one forward
-    pass, the sum over the reply's tokens (up to and including <|im_end|>)."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_reference_logps_equal_plain_transformers(lm: tuple[Any, Any], dtype: torch.dtype) -> None:
+    """log p(reply | prompt) as the opponent stores it (`score_logps`, batched and padded) = plain
+    transformers: apply_chat_template on the whole conversation, one unpadded forward pass, the sum over the
+    reply's tokens (up to and including <|im_end|>). Within 1e-4 in fp64, where only the logic can differ;
+    in fp32 the two batch shapes round differently (measured: 2.4e-4 on a log-prob of -54.7), so there the
+    bound is relative, 1e-5."""
     model, tok = lm
+    model = model.to(dtype)
     prompts = [_question(i) for i in range(3)]
     replies = ["Seven.\n#### 7", "The answer is 12 * 3 = <<12*3=36>>36.\n#### 36", "4"]
-    ours = score_logps(model, tok, prompts, replies, max_length=512, batch_size=2)
-    for prompt, reply, value in zip(prompts, replies, ours):
-        full = tok.apply_chat_template([*prompt, {"role": "assistant", "content": reply}], tokenize=False)
-        ids = tok(full, add_special_tokens=False, return_tensors="pt")["input_ids"]
-        start = len(
-            tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)[
-                "input_ids"
-            ]
-        )
-        end = ids[0].tolist().index(2, start) + 1  # through the reply's <|im_end|>
-        with torch.no_grad():
-            logits = model(ids).logits.float()
-        logp = torch.log_softmax(logits[0, start - 1 : end - 1], -1).gather(-1, ids[0, start:end, None]).sum()
-        assert abs(logp.item() - value) < 1e-4
+    try:
+        ours = score_logps(model, tok, prompts, replies, max_length=512, batch_size=2)
+        expected = [_plain_logp(model, tok, p, r) for p, r in zip(prompts, replies)]
+    finally:
+        model.float()
+    for value, logp in zip(ours, expected):
+        bound = 1e-4 if dtype == torch.float64 else 1e-5 * abs(logp)
+        assert abs(logp - value) < bound
+
+
+def _plain_logp(model: Any, tok: Any, prompt: list[dict], reply: str) -> float:
+    """The reference: one unpadded forward of the whole templated conversation."""
+    full = tok.apply_chat_template([*prompt, {"role": "assistant", "content": reply}], tokenize=False)
+    ids = tok(full, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    start = len(
+        tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+    )
+    end = ids[0].tolist().index(2, start) + 1  # through the reply's <|im_end|>
+    with torch.no_grad():
+        logits = model(ids).logits
+    logp = torch.log_softmax(logits[0, start - 1 : end - 1], -1).gather(-1, ids[0, start:end, None]).sum()
+    return float(logp.item())
 
 
 def test_generation_stops_at_end_of_turn_and_records_cuts(lm: tuple[Any, Any]) -> None:
@@ -160,6 +175,10 @@ def test_one_iteration_run_gives_a_checkpoint_that_still_answers(smollm2_dir: Pa
             "train.epochs=1",
             "train.batch_size=4",
             "train.learning_rate=1e-6",
+            # AdamW: torch's RMSprop has no bias correction, so its first steps move every weight by about
+            # 10 x lr (1 / sqrt(1 - alpha)); 4 such steps at 1e-6 turned the capital of France into a
+            # French ramble in one of our runs.
+            "train.optimizer=adamw",
             "train.max_length=192",
             "eval.batch_size=8",
         ],

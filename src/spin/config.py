@@ -234,7 +234,12 @@ class TrainConfig:
         "Average log-probs over response tokens instead of summing (off in the paper).", False
     )
     precision: str = _help("auto (bf16 on a bf16-capable GPU, fp32 on CPU), fp32, bf16, fp16.", "auto")
-    gradient_checkpointing: bool = _help("Recompute activations in the backward pass to save memory.", False)
+    gradient_checkpointing: bool = _help(
+        "Recompute activations in the backward pass (the official recipe: on). On SmolLM2-135M, batch 4, "
+        "max_length 768, on CPU it cuts training's peak memory from 9.7 GB to under 3 GB for about a third "
+        "more compute (docs/results.md); turn it off when memory is plentiful and speed matters.",
+        True,
+    )
     save_steps: int = _help(
         "Save a resumable trainer checkpoint every N optimizer steps (0: only at the end).", 50
     )

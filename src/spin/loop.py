@@ -43,6 +43,7 @@ from spin.io import (
     write_json,
     write_jsonl,
 )
+from spin.memory import limit_heap_growth
 from spin.modeling import (
     encode,
     load_model,
@@ -148,6 +149,7 @@ def run(cfg: SpinConfig, force: bool = False, accelerator: Any = None) -> dict[s
         raise SpinError(
             "model.name_or_path is not set", hint="give the starting SFT model's folder or Hub id"
         )
+    limit_heap_growth()  # CPU: resident memory follows the live tensors (spin.memory)
     run_dir = Path(cfg.output_dir)
     accelerator = accelerator or make_accelerator(cfg.train)
     if accelerator.is_main_process:
