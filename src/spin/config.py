@@ -106,8 +106,9 @@ class DataConfig:
         "Prompts over the limit: truncate (keep the end) or drop (counted either way).", "drop"
     )
     answer_pattern: str | None = _help(
-        "Regex whose first group extracts the gold answer from the response, for exact-match scoring "
-        "(GSM8K: '####\\s*(.+)$').",
+        "Exact-match scoring: how to find the answer in the real reply and in generations. A preset (gsm8k: "
+        "the number after ####; last_number) or a regex whose first group is the answer, searched line by "
+        "line; numbers are normalised ($, commas, trailing '.').",
         None,
     )
 
@@ -121,6 +122,9 @@ class DataConfig:
         _check(self.eval_size >= 0, "data.eval_size", "must be >= 0")
         _check(self.max_prompt_tokens > 0, "data.max_prompt_tokens", "must be > 0")
         _check(isinstance(self.columns, dict), "data.columns", "must be a mapping")
+        from spin.answers import compile_answer_pattern
+
+        compile_answer_pattern(self.answer_pattern)  # a bad regex fails here, naming the field
 
 
 @dataclass
@@ -305,6 +309,16 @@ class SpinConfig:
         "Run folder: one sub-folder per iteration, summary.json and the report at the root.", "runs/spin"
     )
     seed: int = _help("Seed for data splits, sampling and training.", 0)
+    threads: int | None = _help(
+        "CPU threads torch may use (torch.set_num_threads); unset: the cores this process may run on "
+        "(os.sched_getaffinity). Lower it when other jobs share the machine.",
+        None,
+    )
+    progress_seconds: float = _help(
+        "When the output is not a terminal (a log file), log one progress line per long stage every this "
+        "many seconds (done/total, rate, ETA); 0 disables. On a terminal, progress bars are shown instead.",
+        30.0,
+    )
     task: str | None = _help(
         "Built-in task (addition, grammar) for data and metrics, or gsm8k / exact_match for metrics only.",
         None,
@@ -324,6 +338,8 @@ class SpinConfig:
             self.report_to = [self.report_to]
         for r in self.report_to:
             _one_of(r, "report_to", ("none", "tensorboard", "wandb"))
+        _check(self.threads is None or self.threads > 0, "threads", "must be > 0 (or unset for all cores)")
+        _check(self.progress_seconds >= 0, "progress_seconds", "must be >= 0")
         _check(
             self.data.path is not None or self.task in ("addition", "grammar"),
             "data.path",

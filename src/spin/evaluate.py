@@ -9,7 +9,9 @@ p_{t-1} on held-out pairs (real reply y, a sample y' of p_{t-1}):
 - `reward_margin`: mean r(y) - r(y'); `reward_real`, `reward_generated`.
 - `loglik_real` (and per token): log p_t(y|x) of the held-out real replies; it should rise as p_t -> p_data.
 - generation length statistics of p_t's own samples, a few sample generations, and the task metric
-  (built-in tasks; `answer_exact_match` when the data has gold answers, e.g. GSM8K).
+  (built-in tasks; `answer_exact_match` when the data has gold answers, e.g. GSM8K, found by
+  `data.answer_pattern`, see spin.answers). Every greedy answer, what was extracted from it and whether it
+  counted go to `answers.jsonl` (`iteration_t/answers.jsonl` in a run).
 
 The held-out samples of p_t and p_t's log-probs on them are kept (`EvalState`), so the next iteration's
 evaluation needs no second model in memory.
@@ -18,14 +20,16 @@ evaluation needs no second model in memory.
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+from spin.answers import compile_answer_pattern, extract_answer
 from spin.config import SpinConfig, scheduled
 from spin.data import Example, Message
 from spin.generate import generate_responses
+from spin.io import write_jsonl
 from spin.modeling import render_prompt
 from spin.pairs import score_logps
 
@@ -40,19 +44,6 @@ class EvalState:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def extract_answer(text: str, pattern: str | None) -> str | None:
-    """The answer in a generation: the pattern's first group, else the last number in the text."""
-    if pattern:
-        m = re.search(pattern, text, flags=re.MULTILINE | re.DOTALL)
-        if m:
-            return m.group(1).strip().replace(",", "")
-    numbers = _NUMBER.findall(text)
-    return numbers[-1].replace(",", "") if numbers else None
 
 
 def reward_metrics(
@@ -83,8 +74,13 @@ def evaluate_model(
     iteration: int,
     previous: EvalState | None,
     accelerator: Any = None,
+    answers_path: Path | None = None,
 ) -> tuple[dict[str, float | None], EvalState, list[dict[str, str]]]:
-    """Metrics of the model at `iteration` on the held-out `examples`; see the module docstring."""
+    """Metrics of the model at `iteration` on the held-out `examples`; see the module docstring.
+
+    With `answers_path`, every scored answer is written there (`answer_rows`), so a user can see why a
+    reply did or did not count.
+    """
     from spin.tasks import get_task
 
     prompts = [ex.prompt for ex in examples]
@@ -140,15 +136,13 @@ def evaluate_model(
             model, tokenizer, prompts, cfg.generation, seed=cfg.seed, greedy=True, desc="eval greedy"
         )
         answers = [g.text for g in greedy]
+    rows = answer_rows(examples, answers, cfg.data.answer_pattern, exact=task is not None)
     if task is not None:
         metrics.update(task.score(examples, answers, lambda ps, rs: logps(ps, rs, "eval support")))
-    elif any(ex.reference is not None for ex in examples):
-        hits = [
-            extract_answer(a, cfg.data.answer_pattern) == ex.reference
-            for a, ex in zip(answers, examples)
-            if ex.reference is not None
-        ]
-        metrics["answer_exact_match"] = sum(hits) / max(len(hits), 1)
+    elif rows:
+        metrics["answer_exact_match"] = sum(r["correct"] for r in rows) / len(rows)
+    if answers_path is not None and rows:
+        write_jsonl(answers_path, rows)
 
     samples = [
         {"prompt": render_prompt(tokenizer, p), "real": r, "generated": g}
@@ -156,6 +150,31 @@ def evaluate_model(
     ]
     metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
     return metrics, state, samples
+
+
+def answer_rows(
+    examples: list[Example], answers: list[str], pattern: str | None, exact: bool = False
+) -> list[dict[str, Any]]:
+    """One row per example with a gold answer: prompt, reference, the model's answer, what was extracted
+    from it and whether it counts. `exact` (built-in tasks): the stripped answer itself is compared."""
+    compiled = compile_answer_pattern(pattern)
+    rows = []
+    for i, (ex, answer) in enumerate(zip(examples, answers)):
+        if ex.reference is None:
+            continue
+        extracted = answer.strip() if exact else extract_answer(answer, compiled)
+        reference = ex.reference.strip() if exact else ex.reference
+        rows.append(
+            {
+                "index": i,
+                "prompt": ex.prompt[-1]["content"],
+                "reference": reference,
+                "answer": answer,
+                "extracted": extracted,
+                "correct": extracted == reference,
+            }
+        )
+    return rows
 
 
 def primary_metric(cfg: SpinConfig, examples: list[Example]) -> str:

@@ -10,11 +10,11 @@
 
 Run folder: `config.yaml`, `summary.json`, `report.html` at the root; `iteration_t/` holds `generations/`
 shards, `pairs.jsonl`, `model/` (a Hugging Face checkpoint), `train_log.jsonl`, `metrics.json`,
-`samples.jsonl`, `eval_state.json`. Every stage writes its outputs atomically and then a `.STAGE.done`
-marker, so `spin run` on an existing folder resumes after the last finished stage (and, inside
-generation and training, after the last finished shard or trainer checkpoint). Before anything runs, the
-folder is locked (`.lock`), a changed config is refused and a killed process's leftovers are repaired
-(spin.resume); `config.yaml` is written only once the model's tokenizer and the data have loaded.
+`samples.jsonl`, `answers.jsonl` (every scored answer), `eval_state.json`. Every stage writes its outputs
+atomically and then a `.STAGE.done` marker, so `spin run` on an existing folder resumes after the last
+finished stage (and, inside generation and training, after the last finished shard or trainer checkpoint).
+Before anything runs, the folder is locked (`.lock`), a changed config is refused and a killed process's
+leftovers are repaired (spin.resume); `config.yaml` is written only once the model's tokenizer and the data have loaded.
 
 The same model object is the opponent (it generates and scores) and then the main player (it is trained in
 place), so at most one model is ever in memory. Iteration numbering: iteration 0 is the starting model;
@@ -210,7 +210,10 @@ def _play(cfg: SpinConfig, force: bool, accelerator: Any, run_dir: Path, start: 
             metrics = read_json(it_dir / "metrics.json")
             state = EvalState(**read_json(it_dir / "eval_state.json"))
         else:
-            metrics, state, samples = evaluate_model(model, tokenizer, held_out, cfg, t, state)
+            answers = it_dir / "answers.jsonl" if main else None
+            metrics, state, samples = evaluate_model(
+                model, tokenizer, held_out, cfg, t, state, answers_path=answers
+            )
             if t >= 1:
                 metrics.update({f"pairs_{k}": v for k, v in read_json(it_dir / "pair_stats.json").items()})
             if cfg.eval.lm_eval_tasks:  # optional benchmarks (spin[lmeval]); iteration 0 fails fast on a typo

@@ -47,6 +47,8 @@ HARMLESS = (
     "eval.num_samples",
     "eval.lm_eval",
     "generation.engine",
+    "threads",
+    "progress_seconds",
 )
 CHECKPOINT = "trainer_checkpoint"
 
