@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import textwrap
 import typing
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -98,7 +99,9 @@ class DataConfig:
     )
     num_examples: int = _help("Examples generated for a built-in task when `path` is unset.", 2000)
     eval_size: int = _help(
-        "Held-out prompts for evaluation, taken from the data before training sees it.", 64
+        "Held-out prompts for evaluation, taken from the data before training sees it (`spin eval` scores "
+        "a whole file and ignores it).",
+        64,
     )
     duplicates: str = _help("Duplicate prompts: keep or drop (counted either way).", "keep")
     max_prompt_tokens: int = _help("Prompt length limit in tokens (the paper: 512).", 512)
@@ -482,6 +485,38 @@ def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> None:
 
 def config_to_yaml(cfg: SpinConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def config_reference(cls: type | None = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, help) of every config key, sections expanded (for `spin config`)."""
+    cls = cls or SpinConfig
+    hints = typing.get_type_hints(cls)
+    out: list[tuple[str, str, str, str]] = []
+    for f in dataclasses.fields(cls):
+        tp, name = hints[f.name], prefix + f.name
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            out += config_reference(tp, name + ".")
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc,operator]
+        shown = yaml.safe_dump(default, default_flow_style=True, width=10_000).strip()
+        shown = shown.removesuffix("\n...").removesuffix("...").strip()
+        out.append((name, _type_name(tp), shown, f.metadata.get("help", "")))
+    return out
+
+
+def format_config_reference(match: str | None = None) -> str:
+    """Every key (or those containing `match`) as `key: type = default` and its help, for `spin config`."""
+    rows = [r for r in config_reference() if match is None or match in r[0]]
+    if not rows:
+        raise SpinError(f"no config key contains {match!r}", hint="run `spin config` to list every key")
+    wrap = textwrap.TextWrapper(width=100, initial_indent="    ", subsequent_indent="    ")
+    return "\n".join(f"{k}: {t} = {d}\n" + wrap.fill(h) for k, t, d, h in rows)
 
 
 def field_help(cls: type) -> dict[str, str]:

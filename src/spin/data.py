@@ -183,7 +183,7 @@ def _open_source(cfg: DataConfig) -> tuple[str, Iterator[Row]]:
     assert cfg.path is not None
     path = Path(cfg.path).expanduser()
     if path.is_file():
-        readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows, ".csv": _csv_rows}
+        readers = {".jsonl": jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows, ".csv": _csv_rows}
         suffix = path.suffix.lower()
         if suffix not in readers:
             raise SpinError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_TYPES)}")
@@ -221,7 +221,7 @@ def _parse_json(text: str, path: Path, lineno: int = 0) -> Any:
         raise SpinError(f"{path}:{lineno or 1}: not valid JSON ({_short(e)}); {what}") from None
 
 
-def _jsonl_rows(path: Path) -> Iterator[Row]:
+def jsonl_rows(path: Path) -> Iterator[Row]:
     offset = 0
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):

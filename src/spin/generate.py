@@ -58,7 +58,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from spin.config import GenerationConfig
 from spin.data import Message
@@ -75,6 +74,7 @@ from spin.engines import (
 from spin.errors import SpinError
 from spin.io import atomic_write_text, fault_point, read_jsonl
 from spin.modeling import encode, render_prompt
+from spin.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -268,13 +268,7 @@ def generate_responses(
     # Every process takes part in choosing (the choice is broadcast), even one with nothing left to do.
     engine = _resolve_engine(model, prompt_ids, spec, shard_dir, accelerator, desc) if prompts else "generate"
     n_todo = sum(len(shards[s]) for s in todo)
-    bar = tqdm(
-        total=n_todo,
-        desc=desc,
-        unit="prompt",
-        leave=False,
-        disable=True if n_todo == 0 or rank != 0 else None,
-    )  # None: off when not a terminal
+    bar = Progress(n_todo, desc, unit="prompt", enabled=n_todo > 0 and rank == 0)
     start, tokens = time.perf_counter(), 0
 
     def on_done(num_tokens: int) -> None:  # one prompt finished: progress in prompts/s and tokens/s
@@ -282,7 +276,7 @@ def generate_responses(
         tokens += num_tokens
         bar.update(1)
         elapsed = max(time.perf_counter() - start, 1e-9)
-        bar.set_postfix(prompts_s=f"{bar.n / elapsed:.1f}", tokens_s=f"{tokens / elapsed:.0f}", refresh=False)
+        bar.set_postfix(prompts_s=f"{bar.n / elapsed:.1f}", tokens_s=f"{tokens / elapsed:.0f}")
 
     for s in todo:
         idx = shards[s]

@@ -35,7 +35,7 @@ from spin.errors import SpinError
 from spin.evaluate import EvalState, evaluate_model, primary_metric
 from spin.io import (
     atomic_write_text,
-    check_writable,
+    claim_output_dir,
     is_done,
     mark_done,
     read_json,
@@ -121,16 +121,20 @@ def run(cfg: SpinConfig, force: bool = False, accelerator: Any = None) -> dict[s
     """Play the whole game; returns the summary (also written to `output_dir/summary.json`).
 
     On an existing run folder: refuse a config that would change its results (unless `force`), repair what
-    a killed process left, and continue after the last finished stage. One run per folder at a time.
+    a killed process left, and continue after the last finished stage. One run per folder at a time. A
+    non-empty folder that is not a spin run is refused (unless `force`); spin never deletes its files.
     """
     if cfg.model.name_or_path is None:
         raise SpinError(
             "model.name_or_path is not set", hint="give the starting SFT model's folder or Hub id"
         )
+    from spin.runtime import apply_settings
+
+    apply_settings(cfg)  # torch threads and progress lines
     run_dir = Path(cfg.output_dir)
     accelerator = accelerator or make_accelerator(cfg.train)
-    if accelerator.is_main_process:
-        check_writable(run_dir)
+    if accelerator.is_main_process:  # a foreign non-empty folder is refused before any work
+        claim_output_dir(run_dir, force, what="output_dir")
     with RunLock(run_dir, enabled=accelerator.is_main_process):
         return _play(cfg, force, accelerator, run_dir, cfg.model.name_or_path)
 
