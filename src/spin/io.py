@@ -187,17 +187,20 @@ def check_writable(path: Path) -> None:
 
 SPIN_MARKER = ".spin"  # in every output folder spin claims (`claim_output_dir`)
 SAVE_TMP = ".spin-save.tmp"  # a checkpoint is written here inside an existing folder, then moved in
+_RUN_ROOT = {"config.yaml", "summary.json", "report.html", "plots", "tensorboard", ".lock", SPIN_MARKER}
 _WEIGHT_FILES = re.compile(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
 
 
 def is_spin_output(path: Path) -> bool:
     """Whether folder `path` was written by spin: its marker, or a run folder or `spin train` output of
-    before the marker (config.yaml with a run's files, or a train_log.jsonl)."""
+    before the marker (config.yaml with a run's files, only a run's files, or a train_log.jsonl)."""
     path = Path(path)
     if (path / SPIN_MARKER).exists() or (path / "train_log.jsonl").exists():
         return True
     run_files = ("summary.json", ".lock", "iteration_0")
-    return (path / "config.yaml").exists() and any((path / name).exists() for name in run_files)
+    if (path / "config.yaml").exists() and any((path / name).exists() for name in run_files):
+        return True
+    return all(p.name in _RUN_ROOT or p.name.startswith("iteration_") for p in path.iterdir())
 
 
 def claim_output_dir(path: Path, force: bool = False, what: str = "output folder") -> None:
