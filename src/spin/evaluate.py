@@ -25,11 +25,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from spin.answers import compile_answer_pattern, extract_answer
 from spin.config import SpinConfig, scheduled
 from spin.data import Example, Message
 from spin.generate import generate_responses
 from spin.io import write_jsonl
+from spin.loss import TIE_RTOL, reward_wins, tie_rtol
 from spin.modeling import render_prompt
 from spin.pairs import score_logps
 
@@ -52,11 +55,18 @@ def reward_metrics(
     ref_real: list[float],
     ref_generated: list[float],
     beta: float,
+    rtol: float = TIE_RTOL["full"],
 ) -> dict[str, float]:
-    """Held-out reward accuracy (ties 1/2) and margins of the implicit rewards beta * log p/p_ref."""
+    """Held-out reward accuracy (ties 1/2, up to float rounding: spin.loss.reward_wins, as in training)
+    and margins of the implicit rewards beta * log p/p_ref."""
     real = [beta * (p - r) for p, r in zip(policy_real, ref_real)]
     gen = [beta * (p - r) for p, r in zip(policy_generated, ref_generated)]
-    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(real, gen)]
+    scale = torch.tensor(
+        [beta * (abs(a) + abs(b)) for a, b in zip(ref_real, ref_generated)], dtype=torch.float64
+    )
+    wins = reward_wins(
+        torch.tensor(real, dtype=torch.float64), torch.tensor(gen, dtype=torch.float64), scale, rtol
+    ).tolist()
     n = max(len(real), 1)
     return {
         "discriminability": sum(wins) / n,
@@ -122,9 +132,10 @@ def evaluate_model(
         # p_t against p_{t-1} on (real, sample of p_{t-1}): the main player's view of the last game.
         policy_prev_gen = logps(prompts, previous.generations, "eval opponent samples")
         beta = float(scheduled(tcfg.beta, max(iteration, 1)))
+        rtol = tie_rtol(next(model.parameters()).dtype)
         metrics.update(
             reward_metrics(
-                state.logps_real, policy_prev_gen, previous.logps_real, previous.logps_generated, beta
+                state.logps_real, policy_prev_gen, previous.logps_real, previous.logps_generated, beta, rtol
             )
         )
 

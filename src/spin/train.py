@@ -42,7 +42,7 @@ import torch
 from spin.config import LoraConfig, TrainConfig, scheduled
 from spin.errors import SpinError
 from spin.io import append_jsonl, apply_umask, fault_point, read_json, save_checkpoint, trim_log, write_json
-from spin.loss import spin_loss
+from spin.loss import reward_wins, spin_loss, tie_rtol
 from spin.modeling import Encoded
 from spin.pairs import collate, encode_all, forward_logps
 from spin.progress import Progress, track
@@ -202,6 +202,7 @@ def train_iteration(
     if accelerator.is_main_process:
         trim_log(log_path, start_step)  # rows past the checkpoint are logged again below, not repeated
     pad_id = tokenizer.pad_token_id
+    rtol = tie_rtol(next(base.parameters()).dtype, str(accelerator.mixed_precision))
     t0 = time.perf_counter()
     bar = Progress(
         steps, f"train {iteration}", unit="step", initial=start_step, enabled=accelerator.is_main_process
@@ -232,9 +233,11 @@ def train_iteration(
                         hint="lower train.learning_rate or use train.precision=fp32, then rerun with --force",
                     )
                 accelerator.backward(loss)  # scaled by 1/accum inside
-                # Ties (identical pairs, and every pair at step 1) count 1/2, as in the held-out discriminability.
-                wins = (out.real_rewards > out.generated_rewards).float()
-                accuracy = (wins + 0.5 * (out.real_rewards == out.generated_rewards).float()).mean()
+                # Ties (identical pairs, and every pair at step 1) count 1/2, as in the held-out discriminability;
+                # rewards equal up to float rounding of the two forward passes are ties (spin.loss.TIE_RTOL).
+                refs = batch["ref_chosen_logps"].abs() + batch["ref_rejected_logps"].abs()
+                scale = beta * refs.to(logps.device)
+                accuracy = reward_wins(out.real_rewards, out.generated_rewards, scale, rtol).mean()
                 row = torch.stack(
                     [loss.detach(), out.real_rewards.mean(), out.generated_rewards.mean(), accuracy]
                 )
