@@ -55,7 +55,7 @@ class Progress:
         self.interval = INTERVAL
         self.lines = enabled and bool(self.bar.disable) and self.interval > 0 and total > 0
         self.start = self.last = time.monotonic()
-        self.logged = False
+        self.logged_n: int | None = None  # progress at the last line logged
         self.postfix: dict[str, Any] = {}
 
     def update(self, n: int = 1) -> None:
@@ -73,7 +73,8 @@ class Progress:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         rate = (self.n - self.start_n) / elapsed
         pct = 100 * self.n / self.total if self.total else 100.0
-        text = f"{self.desc}: {self.n}/{self.total} {self.unit}s ({pct:.0f}%), {rate:.3g} {self.unit}s/s"
+        units = self.unit + ("es" if self.unit.endswith(("s", "x", "ch", "sh")) else "s")
+        text = f"{self.desc}: {self.n}/{self.total} {units} ({pct:.0f}%), {rate:.3g} {units}/s"
         if self.n < self.total:
             text += f", ETA {_duration((self.total - self.n) / rate)}" if rate > 0 else ", ETA unknown"
         else:
@@ -84,12 +85,12 @@ class Progress:
 
     def _log(self) -> None:
         self.last = time.monotonic()
-        self.logged = True
+        self.logged_n = self.n
         log.info("%s", self.line())
 
     def close(self) -> None:
         self.bar.close()
-        if self.lines and self.logged:
+        if self.lines and self.logged_n is not None and self.logged_n != self.n:
             self._log()  # the last line of a stage that logged: where it ended
         self.lines = False
 
