@@ -12,6 +12,8 @@ import logging
 import os
 import re
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -326,11 +328,65 @@ def test_spin_config_lists_every_key(capsys: pytest.CaptureFixture[str]) -> None
     assert one_line_error(capsys, ["config", "nosuchkey"]).endswith("(run `spin config` to list every key)")
 
 
-def test_no_third_party_info_chatter(
-    tiny_model_dir: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+def test_redirected_output_has_progress_and_no_third_party_chatter(
+    tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    out = tmp_path / "p.jsonl"
-    argv = ["generate", "--model", str(tiny_model_dir), "--dataset", "builtin:addition", "--output", str(out)]
-    assert main([*argv, *QUICK, "generation.engine=continuous"]) == 0
-    err = capfd.readouterr().err
-    assert "ContinuousBatchingLogger" not in err and " - INFO - " not in err
+    # A real process with stdout and stderr sent to a file, as long runs are run.
+    log_file = tmp_path / "run.log"
+    argv = [
+        "generate",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        "builtin:addition",
+        "--output",
+        str(tmp_path / "p.jsonl"),
+    ]
+    extra = ["generation.engine=continuous", "progress_seconds=1e-9"]
+    with log_file.open("w") as f:
+        subprocess.run(
+            [sys.executable, "-m", "spin.cli", *argv, *QUICK, *extra],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            check=True,
+        )
+    text = log_file.read_text()
+    assert "ContinuousBatchingLogger" not in text and " - INFO - " not in text  # 8 lines per call before
+    assert re.search(r"^generate: 12/12 prompts \(100%\), .* done in ", text, flags=re.MULTILINE), text
+    assert text.count("wrote 12 pairs") == 1
+
+
+# --- 4. threads ------------------------------------------------------------------------------------------
+
+
+def test_threads_setting_is_applied_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from spin.config import load_config
+    from spin.runtime import apply_settings
+
+    before = torch.get_num_threads()
+    try:
+        assert apply_settings(load_config(None, ["task=addition", "threads=1"])) == 1
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3, 5}, raising=False)
+        assert apply_settings(load_config(None, ["task=addition"])) == 3  # default: the cores we may use
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_iteration_must_be_positive(
+    tiny_model_dir: Path, pairs_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--pairs",
+        str(pairs_file),
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    line = one_line_error(capsys, [*argv, "--iteration", "0"])
+    assert "--iteration must be >= 1" in line

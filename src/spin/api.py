@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from spin.config import SpinConfig, load_config
+from spin.errors import SpinError
 from spin.evaluate import evaluate_model
 from spin.generate import generate_responses
 from spin.io import check_output_file, claim_output_dir, write_json, write_jsonl
@@ -46,6 +47,14 @@ def _config(
     return load_config(None, overrides, **defaults)
 
 
+def _check_iteration(iteration: int) -> None:
+    if iteration < 1:
+        raise SpinError(
+            f"--iteration must be >= 1 (got {iteration})",
+            hint="1 is the first SPIN round; it picks the entries of the per-iteration schedules",
+        )
+
+
 def run(cfg: SpinConfig, force: bool = False) -> dict[str, Any]:
     """Play the whole game (see spin.loop.run); returns the summary."""
     return _run(cfg, force=force)
@@ -62,6 +71,7 @@ def generate(
     """Sample one response per prompt with `model`, score both sides, write pairs JSONL to `output`."""
     cfg = _config(model, dataset, overrides, seed, **{"data.eval_size": 0})
     apply_settings(cfg)
+    _check_iteration(iteration)
     check_output_file(Path(output), "--output pairs file")  # before any work: a bad path loses nothing
     tokenizer = load_tokenizer(str(model), cfg.model)
     examples, _, _ = load_examples(cfg, tokenizer)
@@ -105,6 +115,7 @@ def train(
     """
     cfg = _config(model, None, overrides, seed, task="addition")  # task only satisfies validation
     apply_settings(cfg)
+    _check_iteration(iteration)
     rows = read_pairs_file(Path(pairs))
     out = Path(output)
     claim_output_dir(out, force, what="--output folder")
