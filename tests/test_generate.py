@@ -209,6 +209,7 @@ def test_auto_measures_logs_and_records_its_choice(
     lm: tuple[Any, Any], prompts: list[list[dict]], tmp_path: Path, monkeypatch: Any, caplog: Any
 ) -> None:
     monkeypatch.setattr(gen, "_ENGINE_CACHE", {})
+    monkeypatch.setattr(gen, "_LOGGED", set())
     monkeypatch.setattr(gen, "PERSIST_MIN_PROBE", 1)  # record even this 1-prompt probe
     timed: list[str] = []
     for name, fn in list(gen._ENGINE_FNS.items()):
@@ -290,6 +291,20 @@ def test_few_prompts_skip_the_probe(lm: tuple[Any, Any], prompts: list[list[dict
         lm[0], [[1, 2, 3]] * 5, Spec(lm[1], 4, 4, frozenset({5}), 0, (), None, _cfg(), 0), None
     )
     assert engine == "refill" and "fewer than" in reason and persist
+
+
+def test_the_engine_choice_is_logged_once(
+    lm: tuple[Any, Any], prompts: list[list[dict]], monkeypatch: Any, caplog: Any
+) -> None:
+    monkeypatch.setattr(gen, "_ENGINE_CACHE", {})
+    monkeypatch.setattr(gen, "_LOGGED", set())
+    with caplog.at_level(logging.INFO, logger="spin.generate"):
+        for desc in ("eval samples", "eval greedy", "generate 1"):
+            generate_responses(*lm, prompts[:3], _cfg(engine="auto", max_new_tokens=2), seed=0, desc=desc)
+    lines = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "engine" in r.getMessage()
+    ]
+    assert lines == ["eval samples: engine refill: default for fewer than 12 batches of prompts"]
 
 
 def test_empty_prompt_list(lm: tuple[Any, Any]) -> None:

@@ -89,9 +89,9 @@ PROBE_MIN_BATCHES = 12  # auto measures only with this many batches of prompts (
 PROBE_ROUNDS = 3  # auto times every engine this many times, interleaved, and compares the medians
 AUTO_MARGIN = 1.5  # another engine replaces the default only when its median is this many times faster
 PERSIST_MIN_PROBE = 32  # a choice measured on fewer prompts is not written to engine.json
-_ENGINE_CACHE: dict[
-    tuple, tuple[str, str, bool]
-] = {}  # auto's choice per process: key -> (engine, reason, persist)
+# auto's choice per process: key -> (engine, reason, persist)
+_ENGINE_CACHE: dict[tuple, tuple[str, str, bool]] = {}
+_LOGGED: set[tuple[str, str]] = set()  # (engine, reason) pairs already logged at INFO by this process
 
 
 @dataclass(frozen=True)
@@ -245,7 +245,10 @@ def _resolve_engine(
         log.info("%s: engine %s (chosen when this generation started, %s)", desc, previous, saved)
         return str(previous)
     engine, reason, persist = _choose_engine(model, prompt_ids, spec, accelerator)
-    log.info("%s: engine %s: %s", desc, engine, reason)
+    # Once per distinct choice and process: a run makes several calls a stage, each with the same answer.
+    level = logging.DEBUG if (engine, reason) in _LOGGED else logging.INFO
+    _LOGGED.add((engine, reason))
+    log.log(level, "%s: engine %s: %s", desc, engine, reason)
     if distributed:
         accelerator.wait_for_everyone()
     if persist and saved is not None and (accelerator is None or accelerator.is_main_process):
