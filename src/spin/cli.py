@@ -187,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", **over)
 
+    _add_eval_commands(add, over)
+    return parser
+
+
+def _add_eval_commands(add: Callable[..., argparse.ArgumentParser], over: dict[str, Any]) -> None:
+    """eval, report, config and demo: the subcommands around the game."""
     p = add(
         "eval",
         cmd_eval,
@@ -232,7 +238,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, SFT and SPIN (default: 0)")
     p.add_argument("overrides", **over)
-    return parser
 
 
 def _user_error(e: BaseException) -> str | None:
