@@ -4,7 +4,8 @@ Iteration 0 is the starting model. For iteration t >= 1 the main player p_t is s
 p_{t-1} on held-out pairs (real reply y, a sample y' of p_{t-1}):
 
 - `discriminability`: the held-out reward accuracy P[r(y) > r(y')] with r = beta * log p_t/p_{t-1}, ties
-  counted as 1/2. 1.0: p_t tells its opponent's samples from the data perfectly; 0.5: it cannot, which is
+  (rewards equal up to float rounding, `spin.loss.reward_wins`, as in training's reward accuracy) counted
+  as 1/2. 1.0: p_t tells its opponent's samples from the data perfectly; 0.5: it cannot, which is
   the game's fixed point p_t = p_data (paper, Theorem 5.2).
 - `reward_margin`: mean r(y) - r(y'); `reward_real`, `reward_generated`.
 - `loglik_real` (and per token): log p_t(y|x) of the held-out real replies; it should rise as p_t -> p_data.
