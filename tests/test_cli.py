@@ -9,7 +9,7 @@ import pytest
 
 from spin.cli import build_parser, main
 
-SUBCOMMANDS = ["run", "generate", "train", "eval", "report", "demo"]
+SUBCOMMANDS = ["run", "generate", "train", "eval", "report", "config", "demo"]
 
 
 @pytest.mark.parametrize("command", SUBCOMMANDS)

@@ -10,6 +10,7 @@ import importlib
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -208,6 +209,8 @@ def test_auto_measures_logs_and_records_its_choice(
     lm: tuple[Any, Any], prompts: list[list[dict]], tmp_path: Path, monkeypatch: Any, caplog: Any
 ) -> None:
     monkeypatch.setattr(gen, "_ENGINE_CACHE", {})
+    monkeypatch.setattr(gen, "_LOGGED", set())
+    monkeypatch.setattr(gen, "PERSIST_MIN_PROBE", 1)  # record even this 1-prompt probe
     timed: list[str] = []
     for name, fn in list(gen._ENGINE_FNS.items()):
 
@@ -216,14 +219,15 @@ def test_auto_measures_logs_and_records_its_choice(
             return _fn(*args)
 
         monkeypatch.setitem(gen._ENGINE_FNS, name, wrapped)
-    cfg = _cfg(engine="auto", batch_size=3, max_new_tokens=4)  # 12 prompts = 4 batches: worth measuring
+    cfg = _cfg(engine="auto", batch_size=1, max_new_tokens=4)  # 12 prompts = 12 batches: worth measuring
     with caplog.at_level(logging.INFO, logger="spin.generate"):
         first = generate_responses(*lm, prompts, cfg, seed=0, shard_dir=tmp_path / "a")
     record = json.loads((tmp_path / "a" / "engine.json").read_text())
-    assert record["engine"] in ENGINES and "fastest on a probe of 3 prompts" in record["reason"]
+    assert record["engine"] in ENGINES and "median of 3 probes of 1 prompts" in record["reason"]
     assert all(e in record["reason"] for e in ENGINES)  # every engine was timed
-    assert f"engine {record['engine']}" in caplog.text
-    assert set(timed) == set(ENGINES)
+    assert f"engine {record['engine']}" in caplog.text and "refill" in caplog.text
+    assert sorted(timed[:9]) == sorted(ENGINES * 3)  # 3 interleaved rounds, then the generation itself
+    assert timed[:3] == ENGINES and timed[3:6] == ENGINES[1:] + ENGINES[:1]
     timed.clear()
     second = generate_responses(*lm, prompts, cfg, seed=0)  # cached choice: no probe this time
     assert timed == [record["engine"]] and len(second) == len(first) == len(prompts)
@@ -236,12 +240,71 @@ def test_auto_measures_logs_and_records_its_choice(
     assert timed == ["generate"]
 
 
+def _fake_engines(monkeypatch: Any, seconds: dict[str, list[float]]) -> None:
+    """Engines that take `seconds[name][k]` on their k-th call (last value repeats) on a fake clock."""
+    now = [0.0]
+    calls: dict[str, int] = {}
+    monkeypatch.setattr(gen, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    for name in ENGINES:
+
+        def fake(model: Any, ids: list, keys: list, spec: Any, on_done: Any, _name: str = name) -> Any:
+            k = calls.setdefault(_name, 0)
+            calls[_name] += 1
+            now[0] += seconds[_name][min(k, len(seconds[_name]) - 1)]
+            return [[5] for _ in ids]
+
+        monkeypatch.setitem(gen._ENGINE_FNS, name, fake)
+
+
+def test_auto_keeps_the_quiet_machine_choice_under_an_injected_slow_probe(
+    lm: tuple[Any, Any], monkeypatch: Any
+) -> None:
+    # Quiet machine: refill 1.0 s, generate 1.2 s, continuous 5.0 s. Refill's first probe is slowed 70x (as
+    # beside another job): a one-shot probe would pick generate, the median of 3 keeps refill.
+    monkeypatch.setattr(gen, "_ENGINE_CACHE", {})
+    _fake_engines(monkeypatch, {"refill": [70.0, 1.0], "generate": [1.2], "continuous": [5.0]})
+    spec = Spec(lm[1], 4, 1, frozenset({5}), 0, (), None, _cfg(batch_size=1), 0)
+    engine, reason, persist = gen._choose_engine(lm[0], [[1, 2, 3]] * 12, spec, None)
+    assert engine == "refill" and "refill 1.00s" in reason and "generate 1.20s" in reason
+    assert not persist and "not recorded" in reason  # a 1-prompt probe is not written to engine.json
+
+    # Slightly faster (1.2x) is not enough to leave the default; clearly faster (2x) is.
+    for generate_s, expected in ((0.85, "refill"), (0.5, "generate")):
+        monkeypatch.setattr(gen, "_ENGINE_CACHE", {})
+        _fake_engines(monkeypatch, {"refill": [1.0], "generate": [generate_s], "continuous": [5.0]})
+        assert gen._choose_engine(lm[0], [[1, 2, 3]] * 12, spec, None)[0] == expected
+
+
+def test_a_small_probe_writes_no_engine_json(
+    lm: tuple[Any, Any], prompts: list[list[dict]], tmp_path: Path, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(gen, "_ENGINE_CACHE", {})
+    cfg = _cfg(engine="auto", batch_size=1, max_new_tokens=3)  # a probe of 1 prompt < PERSIST_MIN_PROBE
+    generate_responses(*lm, prompts, cfg, seed=0, shard_dir=tmp_path / "gen")
+    assert not (tmp_path / "gen" / "engine.json").exists()
+    assert (tmp_path / "gen" / "shard_00000.jsonl").exists()
+
+
 def test_few_prompts_skip_the_probe(lm: tuple[Any, Any], prompts: list[list[dict]], monkeypatch: Any) -> None:
     monkeypatch.setattr(gen, "_ENGINE_CACHE", {})
-    engine, reason = gen._choose_engine(
+    engine, reason, persist = gen._choose_engine(
         lm[0], [[1, 2, 3]] * 5, Spec(lm[1], 4, 4, frozenset({5}), 0, (), None, _cfg(), 0), None
     )
-    assert engine == "refill" and "fewer than" in reason
+    assert engine == "refill" and "fewer than" in reason and persist
+
+
+def test_the_engine_choice_is_logged_once(
+    lm: tuple[Any, Any], prompts: list[list[dict]], monkeypatch: Any, caplog: Any
+) -> None:
+    monkeypatch.setattr(gen, "_ENGINE_CACHE", {})
+    monkeypatch.setattr(gen, "_LOGGED", set())
+    with caplog.at_level(logging.INFO, logger="spin.generate"):
+        for desc in ("eval samples", "eval greedy", "generate 1"):
+            generate_responses(*lm, prompts[:3], _cfg(engine="auto", max_new_tokens=2), seed=0, desc=desc)
+    lines = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "engine" in r.getMessage()
+    ]
+    assert lines == ["eval samples: engine refill: default for fewer than 12 batches of prompts"]
 
 
 def test_empty_prompt_list(lm: tuple[Any, Any]) -> None:

@@ -143,3 +143,32 @@ def test_corrupt_summary_raises(tmp_path: Path) -> None:
     (tmp_path / "summary.json").write_text("{not json")
     with pytest.raises(SpinError, match="summary.json"):
         write_report(tmp_path)
+
+
+def test_constant_metrics_are_listed_not_plotted(tmp_path: Path) -> None:
+    from spin.report import _plotted_metrics
+
+    run = _make_run(tmp_path)  # gen_len_mean is 3.1 in every iteration
+    rows = [(0, {"exact_match": 0.5, "pairs_pairs": 48, "gen_len_mean": 3.0})]
+    rows += [(1, {"exact_match": 0.5, "pairs_pairs": 48, "pairs_identical_pairs": 0, "gen_len_mean": 4.0})]
+    plotted, constant = _plotted_metrics(
+        rows, ["exact_match", "pairs_pairs", "pairs_identical_pairs", "gen_len_mean"], "exact_match"
+    )
+    assert plotted == ["exact_match", "gen_len_mean"]  # a constant primary metric is still plotted
+    assert constant == ["pairs_pairs", "pairs_identical_pairs"]
+    page = write_report(run).read_text(encoding="utf-8")
+    assert "Not plotted, the same in every iteration: gen_len_mean = 3.1" in page
+    assert "<th>gen_len_mean</th>" in page  # still in the table
+
+
+def test_spin_report_says_wrote_once(tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: Any) -> None:
+    import logging
+
+    from spin.cli import main
+
+    run = _make_run(tmp_path)
+    with caplog.at_level(logging.INFO, logger="spin"):
+        assert main(["report", str(run)]) == 0
+    printed = capsys.readouterr()
+    text = printed.out + printed.err + caplog.text
+    assert text.count("report.html") == 1, text

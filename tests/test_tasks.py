@@ -10,7 +10,7 @@ import pytest
 from spin import tasks
 from spin.data import Example, Message
 from spin.errors import SpinError
-from spin.tasks import TASK_NAMES, distribution_metrics, get_task, grammar_distribution
+from spin.tasks import GENERATOR_TASKS, TASK_NAMES, distribution_metrics, get_task, grammar_distribution
 
 
 def _ex(content: str, response: str = "", reference: str | None = None) -> Example:
@@ -21,10 +21,10 @@ def _ex(content: str, response: str = "", reference: str | None = None) -> Examp
 
 
 def test_get_task_returns_each_builtin() -> None:
-    assert TASK_NAMES == ("addition", "grammar")
+    assert TASK_NAMES == ("addition", "grammar", "word_problems", "gsm8k")
     for name in TASK_NAMES:
         task = get_task(name)
-        assert task.name == name and task.make_examples is not None
+        assert task.name == name and (task.make_examples is None) == (name == "gsm8k")
     assert get_task("addition").primary_metric == "exact_match"
     assert get_task("grammar").primary_metric == "neg_kl"
 
@@ -34,7 +34,7 @@ def test_get_task_unknown_name_raises_and_lists_choices() -> None:
         get_task("gsm9k")
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", ["addition", "grammar"])  # the character-level toys' limits
 def test_examples_are_short_ascii_single_user_turns(name: str) -> None:
     make = get_task(name).make_examples
     assert make is not None
@@ -45,7 +45,7 @@ def test_examples_are_short_ascii_single_user_turns(name: str) -> None:
         assert 1 <= len(text) <= 20 and 1 <= len(ex.response) <= 24
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", GENERATOR_TASKS)
 def test_deterministic_for_a_seed_and_seeds_differ(name: str) -> None:
     make = get_task(name).make_examples
     assert make is not None
@@ -241,3 +241,37 @@ def test_grammar_score_with_the_true_distribution_as_model() -> None:
     assert metrics["valid_rate"] == 1.0
     assert 0 < metrics["tv_samples"] < 0.3  # ~25 samples a prompt: small but positive (biased upward)
     assert set(task.score(examples, generations)) == {"tv_samples", "tv_samples_stderr", "valid_rate"}
+
+
+# --- GSM8K-style replies ---------------------------------------------------------------------------------
+
+
+def test_word_problems_are_gsm8k_style_and_seeded() -> None:
+    from spin.tasks import calculator_checks, ends_with_final_answer, final_answer, make_word_problem_examples
+
+    examples = make_word_problem_examples(200, 3)
+    assert examples == make_word_problem_examples(200, 3)
+    assert len({e.prompt[0]["content"] for e in examples}) == 200  # distinct questions
+    for e in examples:
+        assert ends_with_final_answer(e.response) and final_answer(e.response) == e.reference
+        assert calculator_checks(e.response) and all(calculator_checks(e.response))
+
+
+def test_gsm8k_metrics_by_hand() -> None:
+    from spin.tasks import gsm8k_metrics
+
+    examples = [_ex("q1", "4 + 3 = <<4+3=7>>7\n#### 7", "7"), _ex("q2", "#### 1,200", None)]
+    generations = [
+        "4 + 3 = <<4+3=7>>7 and <<2*2=5>>5\n#### 7\nThe answer is: 7",  # right, but not ending in ####
+        "So $1,200.\n#### 1200",  # right (the gold number comes from the real reply), ends in ####
+    ]
+    m = gsm8k_metrics(examples, generations)
+    # exact match 2/2; answer line last in 1 of 2; annotations: 4+3=7 right, 2*2=5 wrong -> 1/2, 2 in 2 replies
+    assert m == {"answer_exact_match": 1.0, "final_answer_rate": 0.5, "calc_accuracy": 0.5, "calc_per_reply": 1.0}
+
+
+def test_calculator_checks_evaluate_arithmetic_only() -> None:
+    from spin.tasks import calculator_checks
+
+    assert calculator_checks("<<12/60=0.2>> <<0.2*50=10>> <<3x4=12>> <<1,000+1=1,001>>") == [True] * 4
+    assert calculator_checks("<<2+2=5>> <<__import__('os')=1>> <<1/0=1>> <<=3>>") == [False] * 4

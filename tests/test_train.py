@@ -329,3 +329,37 @@ def test_sft_train_stops_when_told(tok_model: tuple[Any, Any]) -> None:
     assert asked == [(3, False), (6, False)]  # asked at steps 3 and 6, never in train mode; stopped at 6
     assert len(losses) == 6 and not model.training
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_step_one_accuracy_is_one_half_when_the_policy_is_the_reference(
+    tok_model: tuple[Any, Any], tmp_path: Path
+) -> None:
+    # Reference log-probs scored in other batches than training's differ by float rounding only (here
+    # simulated: 1e-7 relative); the policy IS the reference at step 1, so every pair is a tie: 1/2.
+    tokenizer, model = tok_model
+    model = copy.deepcopy(model)  # the fixture's model is shared
+    pairs = make_pairs(tokenizer, model, 16)
+    rng = random.Random(1)
+    prompts = [p["prompt"] for p in pairs]
+    for key, side in (("ref_chosen_logps", "chosen"), ("ref_rejected_logps", "rejected")):
+        exact = score_logps(model, tokenizer, prompts, [p[side][-1]["content"] for p in pairs], 48, 16)
+        for p, v in zip(pairs, exact):
+            p[key] = v * (1 + rng.choice([-1e-7, 1e-7]))
+    train_iteration(
+        model, tokenizer, pairs, train_cfg(batch_size=4), iteration=1, run_seed=0, log_dir=tmp_path
+    )
+    rows = read_log(tmp_path / "train_log.jsonl")
+    assert rows[0]["step"] == 1 and rows[0]["rewards/accuracy"] == 0.5
+    assert abs(rows[0]["rewards/margin"]) < 1e-4
+    assert any(r["rewards/accuracy"] != 0.5 for r in rows[1:])  # later steps do tell the replies apart
+
+
+def test_reward_wins_counts_rounding_as_a_tie() -> None:
+    from spin.loss import reward_wins, tie_rtol
+
+    rtol = tie_rtol(torch.float32)
+    scale = torch.tensor([100.0, 100.0, 100.0, 100.0])
+    real = torch.tensor([1e-5, 0.5, -0.5, 0.0])
+    generated = torch.tensor([0.0, 0.0, 0.0, 0.0])
+    assert reward_wins(real, generated, scale, rtol).tolist() == [0.5, 1.0, 0.0, 0.5]
+    assert tie_rtol(torch.float32, "bf16") > rtol == tie_rtol(torch.float32)

@@ -4,23 +4,36 @@ import spin
 summary = spin.run(spin.load_config("recipes/cpu-tiny.yaml"))          # the whole game
 pairs = spin.generate("sft_model", "data.jsonl", "pairs.jsonl")        # one iteration's pairs
 spin.train("sft_model", "pairs.jsonl", "iteration_1_model")            # one iteration of training
-metrics = spin.evaluate("iteration_1_model", "data.jsonl")             # held-out metrics
+metrics = spin.evaluate("iteration_1_model", "test.jsonl")             # metrics on a whole file
 """
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
 from spin.config import SpinConfig, load_config
+from spin.errors import SpinError
 from spin.evaluate import evaluate_model
 from spin.generate import generate_responses
-from spin.io import read_jsonl, write_jsonl
+from spin.io import check_output_file, claim_output_dir, write_json, write_jsonl
 from spin.loop import load_examples
 from spin.loop import run as _run
 from spin.modeling import load_model, load_tokenizer
-from spin.pairs import add_reference_logps, build_pairs, chosen_text, rejected_text, score_logps
+from spin.pairs import (
+    add_reference_logps,
+    build_pairs,
+    chosen_text,
+    read_pairs_file,
+    rejected_text,
+    score_logps,
+)
+from spin.runtime import apply_settings
 from spin.train import TrainResult, make_accelerator, train_iteration
+
+log = logging.getLogger("spin")
 
 
 def _config(
@@ -32,6 +45,14 @@ def _config(
     elif dataset is not None:
         defaults["data.path"] = str(dataset)
     return load_config(None, overrides, **defaults)
+
+
+def _check_iteration(iteration: int) -> None:
+    if iteration < 1:
+        raise SpinError(
+            f"--iteration must be >= 1 (got {iteration})",
+            hint="1 is the first SPIN round; it picks the entries of the per-iteration schedules",
+        )
 
 
 def run(cfg: SpinConfig, force: bool = False) -> dict[str, Any]:
@@ -49,6 +70,9 @@ def generate(
 ) -> list[dict]:
     """Sample one response per prompt with `model`, score both sides, write pairs JSONL to `output`."""
     cfg = _config(model, dataset, overrides, seed, **{"data.eval_size": 0})
+    apply_settings(cfg)
+    _check_iteration(iteration)
+    check_output_file(Path(output), "--output pairs file")  # before any work: a bad path loses nothing
     tokenizer = load_tokenizer(str(model), cfg.model)
     examples, _, _ = load_examples(cfg, tokenizer)
     opponent = load_model(str(model), cfg.model)
@@ -63,29 +87,14 @@ def generate(
     pairs = build_pairs(examples, gens, iteration)
     prompts = [p["prompt"] for p in pairs]
     t = cfg.train
-    add_reference_logps(
-        pairs,
-        score_logps(
-            opponent,
-            tokenizer,
-            prompts,
-            [chosen_text(p) for p in pairs],
-            t.max_length,
-            cfg.eval.batch_size,
-            t.length_normalize,
-            "score real",
-        ),
-        score_logps(
-            opponent,
-            tokenizer,
-            prompts,
-            [rejected_text(p) for p in pairs],
-            t.max_length,
-            cfg.eval.batch_size,
-            t.length_normalize,
-            "score generated",
-        ),
-    )
+
+    def score(replies: list[str], desc: str) -> list[float]:
+        return score_logps(
+            opponent, tokenizer, prompts, replies, t.max_length, cfg.eval.batch_size, t.length_normalize, desc
+        )
+
+    chosen = score([chosen_text(p) for p in pairs], "score real")
+    add_reference_logps(pairs, chosen, score([rejected_text(p) for p in pairs], "score generated"))
     write_jsonl(Path(output), pairs)
     return pairs
 
@@ -97,26 +106,22 @@ def train(
     overrides: list[str] | None = None,
     seed: int = 0,
     iteration: int = 1,
+    force: bool = False,
 ) -> TrainResult:
-    """Train one SPIN iteration of `model` on a pairs file; save the checkpoint to `output`."""
-    from spin.errors import SpinError
+    """Train one SPIN iteration of `model` on a pairs file; save the checkpoint to `output`.
 
+    `output` may be new, empty, or an earlier spin output; another non-empty folder is refused unless
+    `force`. Only spin's own files there are replaced (the checkpoint and train_log.jsonl).
+    """
     cfg = _config(model, None, overrides, seed, task="addition")  # task only satisfies validation
-    if not Path(pairs).is_file():
-        raise SpinError(f"pairs file not found: {pairs}", hint="write one with `spin generate`")
-    rows = list(read_jsonl(Path(pairs)))
-    missing = [
-        k
-        for k in ("prompt", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps")
-        if k not in rows[0]
-    ]
-    if missing:
-        raise SpinError(f"{pairs} row 1 lacks {', '.join(missing)}", hint="write pairs with `spin generate`")
+    apply_settings(cfg)
+    _check_iteration(iteration)
+    rows = read_pairs_file(Path(pairs))
+    out = Path(output)
+    claim_output_dir(out, force, what="--output folder")
     tokenizer = load_tokenizer(str(model), cfg.model)
     accelerator = make_accelerator(cfg.train)
     main_player = load_model(str(model), cfg.model, device=accelerator.device)
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
     return train_iteration(
         main_player,
         tokenizer,
@@ -131,11 +136,41 @@ def train(
 
 
 def evaluate(
-    model: str | Path, dataset: str, overrides: list[str] | None = None, seed: int = 0
+    model: str | Path,
+    dataset: str,
+    overrides: list[str] | None = None,
+    seed: int = 0,
+    output: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Held-out metrics of one checkpoint (as iteration 0 of a run)."""
+    """The metrics `spin run` records for a model (as its iteration 0), on every example of `dataset`.
+
+    A data file is scored whole (`data.eval_size` does not apply); a built-in task (`builtin:addition`) on
+    the held-out examples a run with the same seed holds out. With `output`, a folder, metrics.json,
+    samples.jsonl and answers.jsonl are written there.
+    """
     cfg = _config(model, dataset, overrides, seed)
+    apply_settings(cfg)
+    if cfg.data.path is not None:
+        cfg.data.eval_size = 0  # the whole file: nothing is held out of an evaluation
+    out = Path(output) if output is not None else None
+    if out is not None:
+        claim_output_dir(out, what="--output folder")
+    t0 = time.perf_counter()
     tokenizer = load_tokenizer(str(model), cfg.model)
-    _, held_out, _ = load_examples(cfg, tokenizer)
-    metrics, _, _ = evaluate_model(load_model(str(model), cfg.model), tokenizer, held_out, cfg, 0, None)
+    train_part, held_out, _ = load_examples(cfg, tokenizer)
+    examples = held_out or train_part
+    log.info("evaluating %s on %d examples of %s", model, len(examples), dataset)
+    loaded = load_model(str(model), cfg.model)
+    answers = out / "answers.jsonl" if out is not None else None
+    metrics, _, samples = evaluate_model(loaded, tokenizer, examples, cfg, 0, None, answers_path=answers)
+    if cfg.eval.lm_eval_tasks:
+        from spin.lm_eval_hook import run_lm_eval
+
+        e = cfg.eval
+        args = (e.lm_eval_tasks, e.lm_eval_include_path, e.lm_eval_limit, e.batch_size)
+        metrics.update(run_lm_eval(model, *args, model=loaded, tokenizer=tokenizer))
+    metrics["seconds"] = time.perf_counter() - t0
+    if out is not None:
+        write_jsonl(out / "samples.jsonl", samples)
+        write_json(out / "metrics.json", metrics)
     return metrics

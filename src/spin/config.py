@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import textwrap
 import typing
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
@@ -109,7 +110,9 @@ class DataConfig:
     )
     num_examples: int = _help("Examples generated for a built-in task when `path` is unset.", 2000)
     eval_size: int = _help(
-        "Held-out prompts for evaluation, taken from the data before training sees it.", 64
+        "Held-out prompts for evaluation, taken from the data before training sees it (`spin eval` scores "
+        "a whole file and ignores it).",
+        64,
     )
     duplicates: str = _help("Duplicate prompts: keep or drop (counted either way).", "keep")
     max_prompt_tokens: int = _help("Prompt length limit in tokens (the paper: 512).", 512)
@@ -117,8 +120,9 @@ class DataConfig:
         "Prompts over the limit: truncate (keep the end) or drop (counted either way).", "drop"
     )
     answer_pattern: str | None = _help(
-        "Regex whose first group extracts the gold answer from the response, for exact-match scoring "
-        "(GSM8K: '####\\s*(.+)$').",
+        "Exact-match scoring: how to find the answer in the real reply and in generations. A preset (gsm8k: "
+        "the number after ####; last_number) or a regex whose first group is the answer, searched line by "
+        "line; numbers are normalised ($, commas, trailing '.').",
         None,
     )
 
@@ -132,6 +136,9 @@ class DataConfig:
         _check(self.eval_size >= 0, "data.eval_size", "must be >= 0")
         _check(self.max_prompt_tokens > 0, "data.max_prompt_tokens", "must be > 0")
         _check(isinstance(self.columns, dict), "data.columns", "must be a mapping")
+        from spin.answers import compile_answer_pattern
+
+        compile_answer_pattern(self.answer_pattern)  # a bad regex fails here, naming the field
 
 
 @dataclass
@@ -321,6 +328,16 @@ class SpinConfig:
         "Run folder: one sub-folder per iteration, summary.json and the report at the root.", "runs/spin"
     )
     seed: int = _help("Seed for data splits, sampling and training.", 0)
+    threads: int | None = _help(
+        "CPU threads torch may use (torch.set_num_threads); unset: the cores this process may run on "
+        "(os.sched_getaffinity). Lower it when other jobs share the machine.",
+        None,
+    )
+    progress_seconds: float = _help(
+        "When the output is not a terminal (a log file), log one progress line per long stage every this "
+        "many seconds (done/total, rate, ETA); 0 disables. On a terminal, progress bars are shown instead.",
+        30.0,
+    )
     task: str | None = _help(
         "Built-in task (addition, grammar, word_problems) for data and metrics, or gsm8k for GSM8K's metrics "
         "on your own data (exact match on '#### N', answer-line rate, calculator-annotation accuracy).",
@@ -341,6 +358,8 @@ class SpinConfig:
             self.report_to = [self.report_to]
         for r in self.report_to:
             _one_of(r, "report_to", ("none", "tensorboard", "wandb"))
+        _check(self.threads is None or self.threads > 0, "threads", "must be > 0 (or unset for all cores)")
+        _check(self.progress_seconds >= 0, "progress_seconds", "must be >= 0")
         _check(
             self.data.path is not None or self.task in ("addition", "grammar", "word_problems"),
             "data.path",
@@ -483,6 +502,38 @@ def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> None:
 
 def config_to_yaml(cfg: SpinConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def config_reference(cls: type | None = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, help) of every config key, sections expanded (for `spin config`)."""
+    cls = cls or SpinConfig
+    hints = typing.get_type_hints(cls)
+    out: list[tuple[str, str, str, str]] = []
+    for f in dataclasses.fields(cls):
+        tp, name = hints[f.name], prefix + f.name
+        if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+            out += config_reference(tp, name + ".")
+            continue
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc,operator]
+        shown = yaml.safe_dump(default, default_flow_style=True, width=10_000).strip()
+        shown = shown.removesuffix("\n...").removesuffix("...").strip()
+        out.append((name, _type_name(tp), shown, f.metadata.get("help", "")))
+    return out
+
+
+def format_config_reference(match: str | None = None) -> str:
+    """Every key (or those containing `match`) as `key: type = default` and its help, for `spin config`."""
+    rows = [r for r in config_reference() if match is None or match in r[0]]
+    if not rows:
+        raise SpinError(f"no config key contains {match!r}", hint="run `spin config` to list every key")
+    wrap = textwrap.TextWrapper(width=100, initial_indent="    ", subsequent_indent="    ")
+    return "\n".join(f"{k}: {t} = {d}\n" + wrap.fill(h) for k, t, d, h in rows)
 
 
 def field_help(cls: type) -> dict[str, str]:

@@ -20,8 +20,8 @@ a user message); `data.turns=all` makes one Example per such reply, the conversa
 The paper does not say how it handles bad rows; here every malformed row is a `SpinError` naming the file,
 row (1-based line for .jsonl/.csv) and field, an empty real reply included: it would silently become the
 chosen side of a pair. Duplicate prompts are kept or dropped (`data.duplicates`), counted either way.
-With `data.answer_pattern` set, `reference` is the pattern's first group in the reply, stripped and with
-commas removed (the same normalisation as `spin.evaluate.extract_answer`); rows without a match get None.
+With `data.answer_pattern` set (a preset such as `gsm8k`, or a regex), `reference` is the answer found in the
+reply by `spin.answers.find_answer`, normalised as generations are; rows without a match get None.
 
     examples, stats = load_sft_examples(cfg.data, seed=cfg.seed)
     examples = apply_prompt_limit(examples, count_tokens, cfg.data.max_prompt_tokens, cfg.data.long_prompts, stats)
@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from spin.answers import compile_answer_pattern, find_answer
 from spin.config import DataConfig
 from spin.errors import SpinError
 
@@ -107,7 +108,7 @@ def load_sft_examples(cfg: DataConfig, seed: int = 0) -> tuple[list[Example], Da
     `seed`, in file order. Raises SpinError for anything wrong with the data (see the module docstring).
     """
     _check_settings(cfg)
-    pattern = _compile_pattern(cfg.answer_pattern)
+    pattern = compile_answer_pattern(cfg.answer_pattern)
     source, rows = _open_source(cfg)
     stats = DataStats(source=source)
     fmt = None if cfg.format == "auto" else cfg.format
@@ -146,18 +147,6 @@ def _check_settings(cfg: DataConfig) -> None:
             raise SpinError(f"data.columns.{canon} must be a column name (a string); got {src!r}")
 
 
-def _compile_pattern(pattern: str | None) -> re.Pattern[str] | None:
-    if not pattern:
-        return None
-    try:
-        compiled = re.compile(pattern, re.MULTILINE | re.DOTALL)
-    except re.error as e:
-        raise SpinError(f"data.answer_pattern {pattern!r} is not a valid regex ({e})") from None
-    if compiled.groups < 1:
-        raise SpinError(f"data.answer_pattern {pattern!r} needs a (group) around the answer: '####\\s*(.+)$'")
-    return compiled
-
-
 def _map_columns(raw: Any, columns: dict[str, str], where: str) -> dict[str, Any]:
     """The row under canonical column names (`columns` maps canonical name -> dataset column)."""
     if not isinstance(raw, dict):
@@ -194,7 +183,7 @@ def _open_source(cfg: DataConfig) -> tuple[str, Iterator[Row]]:
     assert cfg.path is not None
     path = Path(cfg.path).expanduser()
     if path.is_file():
-        readers = {".jsonl": _jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows, ".csv": _csv_rows}
+        readers = {".jsonl": jsonl_rows, ".json": _json_rows, ".parquet": _parquet_rows, ".csv": _csv_rows}
         suffix = path.suffix.lower()
         if suffix not in readers:
             raise SpinError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_TYPES)}")
@@ -232,7 +221,7 @@ def _parse_json(text: str, path: Path, lineno: int = 0) -> Any:
         raise SpinError(f"{path}:{lineno or 1}: not valid JSON ({_short(e)}); {what}") from None
 
 
-def _jsonl_rows(path: Path) -> Iterator[Row]:
+def jsonl_rows(path: Path) -> Iterator[Row]:
     offset = 0
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -348,7 +337,7 @@ def _row_examples(
         if system and not any(m["role"] == "system" for m in prompt):
             prompt = [{"role": "system", "content": system}, *prompt]
         meta = {"source": cfg.path, "row": number, "turn": turn}
-        out.append(Example(prompt, response, _reference(response, pattern), meta))
+        out.append(Example(prompt, response, find_answer(response, pattern), meta))
     return out
 
 
@@ -443,14 +432,6 @@ def _alpaca(row: dict[str, Any], where: str, columns: dict[str, str]) -> tuple[l
             raise SpinError(f"{where}: field '{columns.get(c, c)}' must be a string; got {_kind(v)}")
     text = "\n\n".join(v for v in (values["instruction"], values["input"]) if v and v.strip())
     return [{"role": "user", "content": text}], values["output"], columns.get("output", "output")
-
-
-def _reference(response: str, pattern: re.Pattern[str] | None) -> str | None:
-    """The pattern's first group in the reply, stripped, commas removed (as spin.evaluate.extract_answer)."""
-    match = pattern.search(response) if pattern is not None else None
-    if match is None or match.group(1) is None:
-        return None
-    return match.group(1).strip().replace(",", "") or None
 
 
 def _dedupe(examples: list[Example], policy: str, stats: DataStats) -> list[Example]:

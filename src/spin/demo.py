@@ -30,8 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from spin.config import SpinConfig, load_config
 from spin.io import write_json
 from spin.modeling import build_char_tokenizer, build_tiny_model, save_model
@@ -137,10 +135,13 @@ def build_sft_model(cfg: SpinConfig) -> dict[str, Any]:
 def run_demo(
     output_dir: str = "runs/demo", seed: int = 0, overrides: list[str] | None = None
 ) -> dict[str, Any]:
+    from spin.io import claim_output_dir
     from spin.loop import run
+    from spin.runtime import apply_settings
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = demo_config(output_dir, seed, overrides)
+    apply_settings(cfg)  # torch threads (cfg.threads), progress lines
+    claim_output_dir(Path(output_dir), what="--output-dir")  # before the SFT warm-up writes sft_model/
     t0 = time.perf_counter()
     sft = build_sft_model(cfg)
     log.info(

@@ -4,12 +4,16 @@ Iteration 0 is the starting model. For iteration t >= 1 the main player p_t is s
 p_{t-1} on held-out pairs (real reply y, a sample y' of p_{t-1}):
 
 - `discriminability`: the held-out reward accuracy P[r(y) > r(y')] with r = beta * log p_t/p_{t-1}, ties
-  counted as 1/2. 1.0: p_t tells its opponent's samples from the data perfectly; 0.5: it cannot, which is
+  (rewards equal up to float rounding, `spin.loss.reward_wins`, as in training's reward accuracy) counted
+  as 1/2. 1.0: p_t tells its opponent's samples from the data perfectly; 0.5: it cannot, which is
   the game's fixed point p_t = p_data (paper, Theorem 5.2).
 - `reward_margin`: mean r(y) - r(y'); `reward_real`, `reward_generated`.
 - `loglik_real` (and per token): log p_t(y|x) of the held-out real replies; it should rise as p_t -> p_data.
-- generation length statistics of p_t's own samples, a few sample generations, and the task metric
-  (built-in tasks; `answer_exact_match` when the data has gold answers, e.g. GSM8K).
+- generation length statistics of p_t's own samples (`gen_len_w1`: the earth mover's distance between the
+  token lengths of its samples and of the real replies), a few sample generations, and the task metric
+  (built-in tasks; `answer_exact_match` when the data has gold answers, e.g. GSM8K, found by
+  `data.answer_pattern`, see spin.answers). Every greedy answer, what was extracted from it and whether it
+  counted go to `answers.jsonl` (`iteration_t/answers.jsonl` in a run).
 
 The held-out samples of p_t and p_t's log-probs on them are kept (`EvalState`), so the next iteration's
 evaluation needs no second model in memory.
@@ -18,14 +22,19 @@ evaluation needs no second model in memory.
 from __future__ import annotations
 
 import math
-import re
 import statistics
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from spin.answers import compile_answer_pattern, extract_answer
 from spin.config import SpinConfig, scheduled
 from spin.data import Example, Message
 from spin.generate import generate_responses
+from spin.io import write_jsonl
+from spin.loss import TIE_RTOL, reward_wins, tie_rtol
 from spin.modeling import render_prompt
 from spin.pairs import score_logps
 
@@ -42,17 +51,15 @@ class EvalState:
         return asdict(self)
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def extract_answer(text: str, pattern: str | None) -> str | None:
-    """The answer in a generation: the pattern's first group, else the last number in the text."""
-    if pattern:
-        m = re.search(pattern, text, flags=re.MULTILINE | re.DOTALL)
-        if m:
-            return m.group(1).strip().replace(",", "")
-    numbers = _NUMBER.findall(text)
-    return numbers[-1].replace(",", "") if numbers else None
+def wasserstein_1(a: list[int], b: list[int]) -> float | None:
+    """Earth mover's distance between two samples of lengths (tokens): the mean gap between their
+    quantile functions. 0 when the model's replies are as long as the data's, in distribution."""
+    if not a or not b:
+        return None
+    xs, ys = sorted(a), sorted(b)
+    grid = 1000  # quantiles at (k + 1/2) / grid: exact for equal sizes dividing the grid, close otherwise
+    q = [(k + 0.5) / grid for k in range(grid)]
+    return sum(abs(xs[int(p * len(xs))] - ys[int(p * len(ys))]) for p in q) / grid
 
 
 def reward_metrics(
@@ -61,11 +68,18 @@ def reward_metrics(
     ref_real: list[float],
     ref_generated: list[float],
     beta: float,
+    rtol: float = TIE_RTOL["full"],
 ) -> dict[str, float]:
-    """Held-out reward accuracy (ties 1/2) and margins of the implicit rewards beta * log p/p_ref."""
+    """Held-out reward accuracy (ties 1/2, up to float rounding: spin.loss.reward_wins, as in training)
+    and margins of the implicit rewards beta * log p/p_ref."""
     real = [beta * (p - r) for p, r in zip(policy_real, ref_real)]
     gen = [beta * (p - r) for p, r in zip(policy_generated, ref_generated)]
-    wins = [1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(real, gen)]
+    scale = torch.tensor(
+        [beta * (abs(a) + abs(b)) for a, b in zip(ref_real, ref_generated)], dtype=torch.float64
+    )
+    wins = reward_wins(
+        torch.tensor(real, dtype=torch.float64), torch.tensor(gen, dtype=torch.float64), scale, rtol
+    ).tolist()
     n = max(len(real), 1)
     return {
         "discriminability": sum(wins) / n,
@@ -83,10 +97,13 @@ def evaluate_model(
     iteration: int,
     previous: EvalState | None,
     accelerator: Any = None,
+    answers_path: Path | None = None,
 ) -> tuple[dict[str, float | None], EvalState, list[dict[str, str]]]:
-    """Metrics of the model at `iteration` on the held-out `examples`; see the module docstring."""
-    from spin.tasks import TASK_NAMES, get_task
+    """Metrics of the model at `iteration` on the held-out `examples`; see the module docstring.
 
+    With `answers_path`, every scored answer is written there (`answer_rows`), so a user can see why a
+    reply did or did not count.
+    """
     prompts = [ex.prompt for ex in examples]
     real = [ex.response for ex in examples]
     tcfg, ecfg = cfg.train, cfg.eval
@@ -116,6 +133,7 @@ def evaluate_model(
         "gen_len_mean": statistics.fmean(lengths) if lengths else 0.0,
         "gen_len_std": statistics.pstdev(lengths) if len(lengths) > 1 else 0.0,
         "gen_finished_rate": sum(g.finished for g in sampled) / n,
+        "gen_len_w1": wasserstein_1(lengths, real_tokens),
         "identical_to_real": sum(a == b for a, b in zip(own, real)) / n,
         "discriminability": None,
         "reward_margin": None,
@@ -126,29 +144,23 @@ def evaluate_model(
         # p_t against p_{t-1} on (real, sample of p_{t-1}): the main player's view of the last game.
         policy_prev_gen = logps(prompts, previous.generations, "eval opponent samples")
         beta = float(scheduled(tcfg.beta, max(iteration, 1)))
+        rtol = tie_rtol(next(model.parameters()).dtype)
         metrics.update(
             reward_metrics(
-                state.logps_real, policy_prev_gen, previous.logps_real, previous.logps_generated, beta
+                state.logps_real, policy_prev_gen, previous.logps_real, previous.logps_generated, beta, rtol
             )
         )
 
     # Task metrics: greedy answers for deterministic tasks, the samples for distributional ones.
-    task = get_task(cfg.task) if cfg.task in TASK_NAMES else None
     answers = own
-    if ecfg.greedy and (task is None or task.name != "grammar"):
+    if ecfg.greedy and cfg.task != "grammar":
         greedy = generate_responses(
             model, tokenizer, prompts, cfg.generation, seed=cfg.seed, greedy=True, desc="eval greedy"
         )
         answers = [g.text for g in greedy]
-    if task is not None:
-        metrics.update(task.score(examples, answers, lambda ps, rs: logps(ps, rs, "eval support")))
-    elif any(ex.reference is not None for ex in examples):
-        hits = [
-            extract_answer(a, cfg.data.answer_pattern) == ex.reference
-            for a, ex in zip(answers, examples)
-            if ex.reference is not None
-        ]
-        metrics["answer_exact_match"] = sum(hits) / max(len(hits), 1)
+    rows = _task_metrics(metrics, examples, answers, own, cfg, lambda ps, rs: logps(ps, rs, "eval support"))
+    if answers_path is not None and rows:
+        write_jsonl(answers_path, rows)
 
     samples = [
         {"prompt": render_prompt(tokenizer, p), "real": r, "generated": g}
@@ -156,6 +168,60 @@ def evaluate_model(
     ]
     metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
     return metrics, state, samples
+
+
+def _task_metrics(
+    metrics: dict[str, float | None],
+    examples: list[Example],
+    answers: list[str],
+    samples: list[str],
+    cfg: SpinConfig,
+    logp_fn: Any,
+) -> list[dict[str, Any]]:
+    """Add the task's metrics to `metrics` (in place); returns the answer rows (`answer_rows`).
+
+    GSM8K-style tasks (`word_problems`, `gsm8k`) are scored on the greedy `answers` and, prefixed `sample_`,
+    their format and calculator metrics also on the temperature-1 `samples`: how close the model's own
+    samples are to the data is what SPIN changes."""
+    from spin.tasks import TASK_NAMES, get_task, gsm8k_metrics
+
+    task = get_task(cfg.task) if cfg.task in TASK_NAMES else None
+    gsm8k_like = task is not None and task.score is gsm8k_metrics
+    pattern = cfg.data.answer_pattern or ("gsm8k" if gsm8k_like else None)
+    rows = answer_rows(examples, answers, pattern, exact=task is not None and not gsm8k_like)
+    if task is not None:
+        metrics.update(task.score(examples, answers, logp_fn))
+    elif rows:
+        metrics["answer_exact_match"] = sum(r["correct"] for r in rows) / len(rows)
+    if gsm8k_like:
+        on_samples = gsm8k_metrics(examples, samples)
+        metrics.update({f"sample_{k}": on_samples[k] for k in ("final_answer_rate", "calc_accuracy")})
+    return rows
+
+
+def answer_rows(
+    examples: list[Example], answers: list[str], pattern: str | None, exact: bool = False
+) -> list[dict[str, Any]]:
+    """One row per example with a gold answer: prompt, reference, the model's answer, what was extracted
+    from it and whether it counts. `exact` (built-in tasks): the stripped answer itself is compared."""
+    compiled = compile_answer_pattern(pattern)
+    rows = []
+    for i, (ex, answer) in enumerate(zip(examples, answers)):
+        if ex.reference is None:
+            continue
+        extracted = answer.strip() if exact else extract_answer(answer, compiled)
+        reference = ex.reference.strip() if exact else ex.reference
+        rows.append(
+            {
+                "index": i,
+                "prompt": ex.prompt[-1]["content"],
+                "reference": reference,
+                "answer": answer,
+                "extracted": extracted,
+                "correct": extracted == reference,
+            }
+        )
+    return rows
 
 
 def primary_metric(cfg: SpinConfig, examples: list[Example]) -> str:

@@ -20,11 +20,16 @@ Three engines (`generation.engine`, implemented in `spin.engines`):
   slower than `generate` (Python scheduling per step, attention masks over the whole paged cache), and it
   cannot use spin's sampler: its samples come from its own seeded RNG, so they differ from the other two
   engines' for the same seed. Stop strings are applied after the fact (the tokens after a stop are wasted).
-- `auto` (default): times each supported engine once per process on a probe of the prompts (one batch
-  of them, the real settings) and uses the fastest (with fewer than 4 batches of prompts it does not measure
-  and uses `refill` where supported); the choice and the timings are logged,
-  cached per (model shape, device, dtype, settings) and written to `DIR/engine.json`, so a resumed run keeps
-  the engine it started with. Under several processes rank 0's choice is used everywhere.
+- `auto` (default): the default engine is `refill` where supported (else `generate`). With at least
+  PROBE_MIN_BATCHES batches of prompts, auto times every supported engine PROBE_ROUNDS times, interleaved, on
+  a probe of one batch (the real settings), and switches only to an engine that is AUTO_MARGIN times faster
+  on the median: beside another job a single timing can be off by 20x or more (refill on a 2-prompt probe:
+  55-77 s with 2 threads, 2.5 s with 1), and a one-shot probe there picked `continuous`, which is 5x slower
+  than `refill` on a quiet machine. The choice and the
+  medians are logged and cached per (model shape, device, dtype, settings, torch threads); it is written to
+  `DIR/engine.json`, so a resumed run keeps the engine it started with, unless the probe had fewer than
+  PERSIST_MIN_PROBE prompts (too few to trust for a whole run). Under several processes rank 0's choice is
+  used everywhere.
 
 Sampling: `refill` and `generate` share one sampler. A token is drawn by the Gumbel-max trick,
 argmax(filtered_logits / T + G), with G computed by an integer hash of (seed, prompt index, step, token id)
@@ -51,6 +56,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -58,7 +64,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from spin.config import GenerationConfig
 from spin.data import Message
@@ -75,12 +80,18 @@ from spin.engines import (
 from spin.errors import SpinError
 from spin.io import atomic_write_text, fault_point, read_jsonl
 from spin.modeling import encode, render_prompt
+from spin.progress import Progress
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("refill", "generate", "continuous")
-PROBE_MIN_BATCHES = 4  # auto measures only when there are at least this many batches of prompts
-_ENGINE_CACHE: dict[tuple, tuple[str, str]] = {}  # auto's choice per process: key -> (engine, reason)
+PROBE_MIN_BATCHES = 12  # auto measures only with this many batches of prompts (a probe costs ~9 batches)
+PROBE_ROUNDS = 3  # auto times every engine this many times, interleaved, and compares the medians
+AUTO_MARGIN = 1.5  # another engine replaces the default only when its median is this many times faster
+PERSIST_MIN_PROBE = 32  # a choice measured on fewer prompts is not written to engine.json
+# auto's choice per process: key -> (engine, reason, persist)
+_ENGINE_CACHE: dict[tuple, tuple[str, str, bool]] = {}
+_LOGGED: set[tuple[str, str]] = set()  # (engine, reason) pairs already logged at INFO by this process
 
 
 @dataclass(frozen=True)
@@ -131,8 +142,38 @@ def supported_engines(model: Any) -> list[str]:
     return [e for e in ENGINES if ok[e]]
 
 
-def _choose_engine(model: Any, prompt_ids: list[list[int]], spec: Spec, accelerator: Any) -> tuple[str, str]:
-    """auto: time every supported engine once on a probe of the prompts; the fastest wins (cached)."""
+def _probe_medians(model: Any, candidates: list[str], probe: list[list[int]], spec: Spec) -> dict[str, float]:
+    """Median seconds of each engine over PROBE_ROUNDS timings on `probe`, interleaved (round r starts at the
+    r-th engine), so a burst of load on the machine hits every engine rather than one."""
+    with torch.inference_mode():  # warm-up: first-call costs must not count against one engine
+        generate_engine(model, probe[:1], [0], replace(spec, max_new_tokens=2), lambda _: None)
+    times: dict[str, list[float]] = {e: [] for e in candidates}
+    for r in range(PROBE_ROUNDS):
+        for engine in candidates[r % len(candidates) :] + candidates[: r % len(candidates)]:
+            if engine not in times:
+                continue  # failed in an earlier round
+            start = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    _ENGINE_FNS[engine](model, probe, list(range(len(probe))), spec, lambda _: None)
+            except Exception as e:  # noqa: BLE001 - an engine that fails here is just not chosen
+                log.warning(
+                    "engine %s failed on the probe, not using it: %s: %s", engine, type(e).__name__, e
+                )
+                del times[engine]
+                continue
+            times[engine].append(time.perf_counter() - start)
+    return {e: statistics.median(t) for e, t in times.items()}
+
+
+def _choose_engine(
+    model: Any, prompt_ids: list[list[int]], spec: Spec, accelerator: Any
+) -> tuple[str, str, bool]:
+    """auto: (engine, reason, whether to record it in engine.json), cached per process.
+
+    The default (the first supported engine: refill where the model allows it) is kept unless another engine
+    is AUTO_MARGIN times faster on the median of PROBE_ROUNDS interleaved probes; a choice made on a probe
+    of fewer than PERSIST_MIN_PROBE prompts is not recorded for a resumed run."""
     config, dev = getattr(model, "config", None), model_device(model)
     key = (
         type(model).__name__,
@@ -144,41 +185,41 @@ def _choose_engine(model: Any, prompt_ids: list[list[int]], spec: Spec, accelera
         spec.sampler is None,
         spec.batch_size,
         spec.max_new_tokens,
+        torch.get_num_threads(),
     )
     if key not in _ENGINE_CACHE:
         candidates = supported_engines(model)
+        default = candidates[0]
         if len(candidates) == 1:
-            choice = (candidates[0], "the only engine this model supports")
+            choice = (default, "the only engine this model supports", True)
         elif len(prompt_ids) < PROBE_MIN_BATCHES * spec.batch_size:
-            # Timing three engines would cost more than the best one could save on so few prompts.
-            choice = (candidates[0], f"default for fewer than {PROBE_MIN_BATCHES} batches of prompts")
+            # Timing the engines would cost more than the best one could save on so few prompts.
+            choice = (default, f"default for fewer than {PROBE_MIN_BATCHES} batches of prompts", True)
         else:
-            n = spec.batch_size  # one batch per engine: a few % of a real generation, once per process
+            n = spec.batch_size  # one batch per engine and round
             probe = [prompt_ids[round(i * (len(prompt_ids) - 1) / max(n - 1, 1))] for i in range(n)]
-            with torch.inference_mode():  # warm-up: first-call costs must not count against one engine
-                generate_engine(model, probe[:1], [0], replace(spec, max_new_tokens=2), lambda _: None)
-            times: dict[str, float] = {}
-            for engine in candidates:
-                start = time.perf_counter()
-                try:
-                    with torch.inference_mode():
-                        _ENGINE_FNS[engine](model, probe, list(range(n)), spec, lambda _: None)
-                except Exception as e:  # noqa: BLE001 - an engine that fails here is just not chosen
-                    log.warning(
-                        "engine %s failed on the probe, not using it: %s: %s", engine, type(e).__name__, e
-                    )
-                    continue
-                times[engine] = time.perf_counter() - start
-            best = min(times, key=lambda e: times[e])
-            timing = ", ".join(f"{e} {t:.2f}s" for e, t in times.items())
-            choice = (best, f"fastest on a probe of {n} prompts ({timing})")
+            medians = _probe_medians(model, candidates, probe, spec)
+            if not medians:
+                raise SpinError("every generation engine failed on the probe", hint="run with --debug")
+            best = min(medians, key=lambda e: medians[e])
+            if default in medians and medians[best] * AUTO_MARGIN > medians[default]:
+                best = default  # not clearly faster: the default stays
+            timing = ", ".join(f"{e} {t:.2f}s" for e, t in medians.items())
+            persist = n >= PERSIST_MIN_PROBE
+            reason = (
+                f"{'default' if best == default else 'faster'} on the median of {PROBE_ROUNDS} probes of {n} "
+                f"prompts ({timing}; another engine must be {AUTO_MARGIN}x faster than {default})"
+            )
+            if not persist:
+                reason += f"; not recorded for a resume (a probe under {PERSIST_MIN_PROBE} prompts)"
+            choice = (best, reason, persist)
         _ENGINE_CACHE[key] = choice
-    engine, reason = _ENGINE_CACHE[key]
+    engine, reason, persist = _ENGINE_CACHE[key]
     if accelerator is not None and accelerator.num_processes > 1:
         from accelerate.utils import broadcast_object_list
 
-        engine, reason = broadcast_object_list([engine, reason], from_process=0)  # one engine everywhere
-    return engine, reason
+        engine, reason, persist = broadcast_object_list([engine, reason, persist], from_process=0)
+    return engine, reason, persist
 
 
 def _resolve_engine(
@@ -203,11 +244,14 @@ def _resolve_engine(
     if previous is not None:
         log.info("%s: engine %s (chosen when this generation started, %s)", desc, previous, saved)
         return str(previous)
-    engine, reason = _choose_engine(model, prompt_ids, spec, accelerator)
-    log.info("%s: engine %s: %s", desc, engine, reason)
+    engine, reason, persist = _choose_engine(model, prompt_ids, spec, accelerator)
+    # Once per distinct choice and process: a run makes several calls a stage, each with the same answer.
+    level = logging.DEBUG if (engine, reason) in _LOGGED else logging.INFO
+    _LOGGED.add((engine, reason))
+    log.log(level, "%s: engine %s: %s", desc, engine, reason)
     if distributed:
         accelerator.wait_for_everyone()
-    if saved is not None and (accelerator is None or accelerator.is_main_process):
+    if persist and saved is not None and (accelerator is None or accelerator.is_main_process):
         atomic_write_text(saved, json.dumps({"engine": engine, "reason": reason}) + "\n")
     return engine
 
@@ -268,13 +312,7 @@ def generate_responses(
     # Every process takes part in choosing (the choice is broadcast), even one with nothing left to do.
     engine = _resolve_engine(model, prompt_ids, spec, shard_dir, accelerator, desc) if prompts else "generate"
     n_todo = sum(len(shards[s]) for s in todo)
-    bar = tqdm(
-        total=n_todo,
-        desc=desc,
-        unit="prompt",
-        leave=False,
-        disable=True if n_todo == 0 or rank != 0 else None,
-    )  # None: off when not a terminal
+    bar = Progress(n_todo, desc, unit="prompt", enabled=n_todo > 0 and rank == 0)
     start, tokens = time.perf_counter(), 0
 
     def on_done(num_tokens: int) -> None:  # one prompt finished: progress in prompts/s and tokens/s
@@ -282,7 +320,7 @@ def generate_responses(
         tokens += num_tokens
         bar.update(1)
         elapsed = max(time.perf_counter() - start, 1e-9)
-        bar.set_postfix(prompts_s=f"{bar.n / elapsed:.1f}", tokens_s=f"{tokens / elapsed:.0f}", refresh=False)
+        bar.set_postfix(prompts_s=f"{bar.n / elapsed:.1f}", tokens_s=f"{tokens / elapsed:.0f}")
 
     for s in todo:
         idx = shards[s]

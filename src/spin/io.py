@@ -6,6 +6,9 @@ exists whole or not at all; a stage is marked done by a marker file written afte
     append_jsonl / read_jsonl_tolerant logs only: a torn last line left by a kill is skipped when read
     trim_log(path, step)               drop log rows past a trainer checkpoint (no repeats on resume)
     mark_done / is_done                `.STAGE.done` markers
+    save_checkpoint(path, write)       a model folder written beside / inside `path`, moved in file by file:
+                                       only spin's own files are replaced, nothing else there is deleted
+    claim_output_dir / check_output_file   before any work: refuse a foreign non-empty folder, check writable
     fault_point(event)                 a test hook: SIGKILL this process at the n-th `event` (see below)
 
 A full disk, an unwritable folder or a file standing where a folder should be becomes a one-line `SpinError`
@@ -24,9 +27,11 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import shutil
 import signal
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +183,92 @@ def check_writable(path: Path) -> None:
         probe.unlink()
     except OSError as e:
         raise os_error_message(path, e) from None
+
+
+SPIN_MARKER = ".spin"  # in every output folder spin claims (`claim_output_dir`)
+SAVE_TMP = ".spin-save.tmp"  # a checkpoint is written here inside an existing folder, then moved in
+_RUN_ROOT = {"config.yaml", "summary.json", "report.html", "plots", "tensorboard", ".lock", SPIN_MARKER}
+_WEIGHT_FILES = re.compile(r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json")
+
+
+def is_spin_output(path: Path) -> bool:
+    """Whether folder `path` was written by spin: its marker, or a run folder or `spin train` output of
+    before the marker (config.yaml with a run's files, only a run's files, or a train_log.jsonl)."""
+    path = Path(path)
+    if (path / SPIN_MARKER).exists() or (path / "train_log.jsonl").exists():
+        return True
+    run_files = ("summary.json", ".lock", "iteration_0")
+    if (path / "config.yaml").exists() and any((path / name).exists() for name in run_files):
+        return True
+    return all(p.name in _RUN_ROOT or p.name.startswith("iteration_") for p in path.iterdir())
+
+
+def claim_output_dir(path: Path, force: bool = False, what: str = "output folder") -> None:
+    """Before any work: refuse an existing non-empty folder spin did not write (unless `force`), check
+    that the folder can be written, and mark it as spin's. Nothing already in it is ever deleted."""
+    path = Path(path)
+    if path.is_dir() and not force and not is_spin_output(path) and any(path.iterdir()):
+        raise SpinError(
+            f"the {what} {path} is not empty and was not written by spin",
+            hint="choose a new or empty folder, or pass --force to write into it (spin never deletes "
+            "files it did not write)",
+        )
+    check_writable(path)
+    if not (path / SPIN_MARKER).exists():
+        atomic_write_text(path / SPIN_MARKER, "written by spin; its files here may be replaced by spin\n")
+
+
+def check_output_file(path: Path, what: str = "output file") -> None:
+    """Before any work: the file `path` can be written (its folder is created), and is not a folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise SpinError(f"the {what} {path} is a folder", hint="give a file name, e.g. pairs.jsonl")
+    check_writable(path.parent)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise SpinError(f"cannot write {path}: permission denied", hint="choose a writable path")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(folder: Path) -> None:
+    """Give the files in `folder` the user's umask (safetensors writes its files with mode 0600)."""
+    mode = 0o666 & ~_umask()
+    for f in Path(folder).iterdir():
+        if f.is_file():
+            os.chmod(f, mode)
+
+
+def save_checkpoint(path: Path, write: Callable[[Path], None]) -> None:
+    """Write a checkpoint with `write(folder)` and put it at `path`, replacing only the files it writes.
+
+    A new `path` is written whole as `path.tmp` and renamed into place (atomic). Into an existing folder the
+    checkpoint is written to `path/.spin-save.tmp`, then its files are moved in (config.json last) and
+    stale weight shards of an earlier save are removed: every other file in `path` is left alone.
+    """
+    path = Path(path).absolute()
+    if not path.exists():
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        apply_umask(tmp)
+        tmp.rename(path)
+        return
+    tmp = path / SAVE_TMP
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    apply_umask(tmp)
+    names = sorted((p.name for p in tmp.iterdir()), key=lambda n: n == "config.json")
+    for old in path.iterdir():
+        if old.is_file() and _WEIGHT_FILES.fullmatch(old.name) and old.name not in names:
+            old.unlink()
+    for name in names:
+        os.replace(tmp / name, path / name)
+    tmp.rmdir()
+    _fsync_dir(path)
 
 
 def _jsonable(o: Any) -> Any:

@@ -10,11 +10,11 @@
 
 Run folder: `config.yaml`, `summary.json`, `report.html` at the root; `iteration_t/` holds `generations/`
 shards, `pairs.jsonl`, `model/` (a Hugging Face checkpoint), `train_log.jsonl`, `metrics.json`,
-`samples.jsonl`, `eval_state.json`. Every stage writes its outputs atomically and then a `.STAGE.done`
-marker, so `spin run` on an existing folder resumes after the last finished stage (and, inside
-generation and training, after the last finished shard or trainer checkpoint). Before anything runs, the
-folder is locked (`.lock`), a changed config is refused and a killed process's leftovers are repaired
-(spin.resume); `config.yaml` is written only once the model's tokenizer and the data have loaded.
+`samples.jsonl`, `answers.jsonl` (every scored answer), `eval_state.json`. Every stage writes its outputs
+atomically and then a `.STAGE.done` marker, so `spin run` on an existing folder resumes after the last
+finished stage (and, inside generation and training, after the last finished shard or trainer checkpoint).
+Before anything runs, the folder is locked (`.lock`), a changed config is refused and a killed process's
+leftovers are repaired (spin.resume); `config.yaml` is written only once the model's tokenizer and the data have loaded.
 
 The same model object is the opponent (it generates and scores) and then the main player (it is trained in
 place), so at most one model is ever in memory. Iteration numbering: iteration 0 is the starting model;
@@ -35,7 +35,7 @@ from spin.errors import SpinError
 from spin.evaluate import EvalState, evaluate_model, primary_metric
 from spin.io import (
     atomic_write_text,
-    check_writable,
+    claim_output_dir,
     is_done,
     mark_done,
     read_json,
@@ -143,17 +143,21 @@ def run(cfg: SpinConfig, force: bool = False, accelerator: Any = None) -> dict[s
     """Play the whole game; returns the summary (also written to `output_dir/summary.json`).
 
     On an existing run folder: refuse a config that would change its results (unless `force`), repair what
-    a killed process left, and continue after the last finished stage. One run per folder at a time.
+    a killed process left, and continue after the last finished stage. One run per folder at a time. A
+    non-empty folder that is not a spin run is refused (unless `force`); spin never deletes its files.
     """
     if cfg.model.name_or_path is None:
         raise SpinError(
             "model.name_or_path is not set", hint="give the starting SFT model's folder or Hub id"
         )
     limit_heap_growth()  # CPU: resident memory follows the live tensors (spin.memory)
+    from spin.runtime import apply_settings
+
+    apply_settings(cfg)  # torch threads and progress lines
     run_dir = Path(cfg.output_dir)
     accelerator = accelerator or make_accelerator(cfg.train)
-    if accelerator.is_main_process:
-        check_writable(run_dir)
+    if accelerator.is_main_process:  # a foreign non-empty folder is refused before any work
+        claim_output_dir(run_dir, force, what="output_dir")
     with RunLock(run_dir, enabled=accelerator.is_main_process):
         return _play(cfg, force, accelerator, run_dir, cfg.model.name_or_path)
 
@@ -258,7 +262,10 @@ def _play(cfg: SpinConfig, force: bool, accelerator: Any, run_dir: Path, start: 
             state = EvalState(**read_json(it_dir / "eval_state.json"))
         else:
             start_eval = time.perf_counter()
-            metrics, state, samples = evaluate_model(model, tokenizer, held_out, cfg, t, state)
+            answers = it_dir / "answers.jsonl" if main else None
+            metrics, state, samples = evaluate_model(
+                model, tokenizer, held_out, cfg, t, state, answers_path=answers
+            )
             metrics["seconds_eval"] = time.perf_counter() - start_eval
             if t >= 1:
                 metrics.update({f"pairs_{k}": v for k, v in read_json(it_dir / "pair_stats.json").items()})

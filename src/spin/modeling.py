@@ -282,15 +282,14 @@ def _four_bit_kwargs(device: torch.device) -> dict[str, Any]:
 
 
 def save_model(model: Any, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
-    """Save a standard HF checkpoint (safetensors) atomically: written to `path.tmp`, renamed into place."""
-    import shutil
+    """Save a standard HF checkpoint (safetensors) atomically, replacing only its own files in `path`."""
+    from spin.io import save_checkpoint
 
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    save_checkpoint(path, write)
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -21,16 +21,19 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from spin.data import Example, Message
+from spin.errors import SpinError
 from spin.generate import Generation
 from spin.loss import sequence_token_counts
 from spin.modeling import Encoded, encode, encode_response, render_prompt
+from spin.progress import track
 
 
 def collate(encoded: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
@@ -172,12 +175,8 @@ def score_logps(
     out = [0.0] * len(encoded)
     was_training = model.training
     model.eval()
-    for b in tqdm(
-        range(0, len(order), batch_size),
-        desc=desc,
-        leave=False,
-        disable=True if len(order) <= batch_size else None,
-    ):
+    starts = range(0, len(order), batch_size)
+    for b in track(starts, len(starts), desc, unit="batch", enabled=len(order) > batch_size):
         idx = order[b : b + batch_size]
         logps = forward_logps(
             model, collate([encoded[i] for i in idx], tokenizer.pad_token_id), length_normalize
@@ -252,3 +251,51 @@ def identical_pairs_warning(stats: dict[str, float], iteration: int) -> str | No
         "The few other pairs drive the whole update (Adam / RMSProp scale it up): consider stopping here "
         "or lowering train.learning_rate for this iteration"
     )
+
+
+PAIR_KEYS = ("prompt", "chosen", "rejected", "ref_chosen_logps", "ref_rejected_logps")
+
+
+def read_pairs_file(path: Path) -> list[dict]:
+    """The pairs of a `spin generate` file, every row checked: a one-line SpinError names the file, line and
+    field of an empty file, a line that is not JSON, a missing column or a value of the wrong type."""
+    from spin.data import jsonl_rows
+
+    hint = "write pairs with `spin generate`"
+    path = Path(path)
+    if not path.is_file():
+        raise SpinError(f"pairs file not found: {path}", hint=hint)
+    rows = []
+    for where, _, row in jsonl_rows(path):
+        if not isinstance(row, dict):
+            raise SpinError(f"{where}: a pair must be a JSON object; got {type(row).__name__}", hint=hint)
+        missing = [k for k in PAIR_KEYS if k not in row]
+        if missing:
+            raise SpinError(f"{where}: the pair lacks {', '.join(missing)}", hint=hint)
+        _check_pair(row, where, hint)
+        rows.append(row)
+    if not rows:
+        raise SpinError(f"{path} holds no pairs (the file is empty)", hint=hint)
+    return rows
+
+
+def _check_pair(row: dict, where: str, hint: str) -> None:
+    prompt = row["prompt"]
+    ok = isinstance(prompt, list) and bool(prompt) and all(_is_message(m) for m in prompt)
+    if not ok:
+        raise SpinError(
+            f"{where}: 'prompt' must be a non-empty list of {{role, content}} messages", hint=hint
+        )
+    for side in ("chosen", "rejected"):
+        value = row[side]
+        if not (isinstance(value, list) and value and _is_message(value[-1])):
+            raise SpinError(f"{where}: '{side}' must be a list ending with an assistant message", hint=hint)
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        value = row[key]
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or not math.isfinite(value):
+            raise SpinError(f"{where}: '{key}' must be a finite number; got {value!r}", hint=hint)
+
+
+def _is_message(m: Any) -> bool:
+    return isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)

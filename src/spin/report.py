@@ -3,7 +3,8 @@
 What it does: reads a run folder (`summary.json`, `config.yaml`, `iteration_*/train_log.jsonl`,
 `iteration_*/samples.jsonl`) and writes
 
-    RUN_DIR/plots/metrics.png    one small plot per numeric metric vs iteration (primary metric first, in red)
+    RUN_DIR/plots/metrics.png    one small plot per numeric metric vs iteration (primary metric first, in red);
+                                 a metric with one value in every iteration is listed under it, not plotted
     RUN_DIR/plots/training.png   rewards (real vs generated), reward margin, loss and reward accuracy over the
                                  global training step, concatenated across iterations (dashed lines = boundaries)
     RUN_DIR/report.html          title, stop reason, per-iteration metrics table, both plots (embedded as base64),
@@ -120,8 +121,25 @@ def _placeholder(message: str) -> Figure:
     return fig
 
 
-def _metrics_figure(rows: list[tuple[int, dict[str, Any]]], names: list[str], primary: str | None) -> Figure:
+def _plotted_metrics(
+    rows: list[tuple[int, dict[str, Any]]], names: list[str], primary: str | None
+) -> tuple[list[str], list[str]]:
+    """(metrics to plot, constant metrics left out): with two or more iterations, a series that takes one
+    value (e.g. `pairs_pairs`, identical-pair counts at 0) says nothing as a plot; the primary is always kept."""
     numeric = [n for n in names if any(_is_number(m.get(n)) for _, m in rows)]
+    if len(rows) < 2:
+        return numeric, []
+    constant = [
+        n
+        for n in numeric
+        if n != primary and len({float(m[n]) for _, m in rows if _is_number(m.get(n))}) == 1
+    ]
+    return [n for n in numeric if n not in constant], constant
+
+
+def _metrics_figure(
+    rows: list[tuple[int, dict[str, Any]]], numeric: list[str], primary: str | None
+) -> Figure:
     if not numeric:
         return _placeholder("no numeric metrics yet")
     ncols = min(4, len(numeric))
@@ -334,6 +352,14 @@ def _config_text(run_dir: Path, summary: dict[str, Any]) -> str:
     return "(no config.yaml)"
 
 
+def _constant_html(rows: list[tuple[int, dict[str, Any]]], constant: list[str]) -> str:
+    if not constant:
+        return ""
+    values = {n: next(m[n] for _, m in rows if _is_number(m.get(n))) for n in constant}
+    shown = ", ".join(f"{html.escape(n)} = {_fmt(v)}" for n, v in values.items())
+    return f'<p class="meta">Not plotted, the same in every iteration: {shown}.</p>'
+
+
 def _img(png: bytes, alt: str) -> str:
     return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
 
@@ -358,8 +384,9 @@ def write_report(run_dir: str | Path) -> Path:
     names = _metric_names(rows, primary)
     iter_dirs = _iteration_dirs(run_dir)
 
+    plotted, constant = _plotted_metrics(rows, names, primary)
     pngs = {
-        "metrics": _png_bytes(_metrics_figure(rows, names, primary)),
+        "metrics": _png_bytes(_metrics_figure(rows, plotted, primary)),
         "training": _png_bytes(_training_figure(iter_dirs)),
     }
     for name, data in pngs.items():
@@ -378,6 +405,7 @@ Stop reason: <b>{html.escape(str(stop)) if stop else "none (not stopped early)"}
 {_table_html(rows, names, primary)}
 <h2>Metrics</h2>
 {_img(pngs["metrics"], "metrics per iteration")}
+{_constant_html(rows, constant)}
 <h2>Training</h2>
 {_img(pngs["training"], "training curves")}
 <h2>Samples</h2>

@@ -47,6 +47,8 @@ HARMLESS = (
     "eval.num_samples",
     "eval.lm_eval",
     "generation.engine",
+    "threads",
+    "progress_seconds",
 )
 CHECKPOINT = "trainer_checkpoint"
 BASE_MODEL = "base_model"  # RUN_DIR/base_model: a GGUF starting model converted once to safetensors
@@ -55,6 +57,10 @@ BASE_MODEL = "base_model"  # RUN_DIR/base_model: a GGUF starting model converted
 def base_model_dir(run_dir: Path) -> Path | None:
     """RUN_DIR/base_model once its conversion finished (`.base_model.done`), else None."""
     return Path(run_dir) / BASE_MODEL if (Path(run_dir) / f".{BASE_MODEL}.done").exists() else None
+
+
+# What spin writes at a run's root.
+ROOT_FILES = ("config.yaml", "summary.json", "report.html", ".spin", BASE_MODEL)
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -131,11 +137,16 @@ def recover_checkpoint(checkpoint_dir: Path) -> None:
 
 
 def tidy_run_folder(run_dir: Path) -> None:
-    """Repair trainer checkpoints and remove the `*.tmp` leftovers of killed writes (call under RunLock)."""
+    """Repair trainer checkpoints and remove the `*.tmp` leftovers of killed writes (call under RunLock).
+
+    Only spin's own: a user's `notes.tmp` next to the iteration folders is not touched."""
     run_dir = Path(run_dir)
     for it_dir in sorted(run_dir.glob("iteration_*")):
         recover_checkpoint(it_dir / CHECKPOINT)
-    for tmp in sorted(run_dir.rglob("*.tmp"), key=lambda p: len(p.parts), reverse=True):
+    # Only spin's own leftovers: inside iteration folders and plots/, and the root files spin writes.
+    ours = [p for d in [*run_dir.glob("iteration_*"), run_dir / "plots"] for p in d.rglob("*.tmp")]
+    ours += [run_dir / f"{name}.tmp" for name in ROOT_FILES if (run_dir / f"{name}.tmp").exists()]
+    for tmp in sorted(ours, key=lambda p: len(p.parts), reverse=True):
         if tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
         else:

@@ -52,6 +52,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from spin.answers import compile_answer_pattern, extract_answer, find_answer, normalize_answer
 from spin.data import Example, Message
 from spin.errors import SpinError
 
@@ -338,36 +339,25 @@ def score_grammar(
 # --- GSM8K-style replies: word problems, and metrics for any "... <<a*b=c>>c ... #### N" data ----------------
 
 _FINAL_RE = re.compile(r"^\s*####\s*(.*?)\s*$", re.MULTILINE)
-_NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 _CALC_RE = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
 _ARITH_RE = re.compile(r"[\d.+\-*/() ]+")
-
-
-def normalize_number(text: str) -> str | None:
-    """'$1,234.50' -> '1234.5', '72.' -> '72', '-3' -> '-3'; None if `text` holds no number."""
-    found = _NUMBER_RE.search(text.replace("$", ""))
-    if found is None:
-        return None
-    number = found.group(0).replace(",", "")
-    if "." in number:
-        number = number.rstrip("0").rstrip(".")
-    return number or "0"
+_CANONICAL = re.compile(r"-?\d+(?:\.\d+)?")
+_GSM8K = compile_answer_pattern("gsm8k")
 
 
 def final_answer(text: str) -> str | None:
-    """The number on the first `#### N` line (GSM8K's format), else the last number in the text."""
-    m = _FINAL_RE.search(text)
-    if m and (n := normalize_number(m.group(1))) is not None:
-        return n
-    numbers = _NUMBER_RE.findall(text)
-    return normalize_number(numbers[-1]) if numbers else None
+    """The number after `####` (GSM8K's answer line), else the last number in the text; normalised."""
+    return extract_answer(text, _GSM8K)
 
 
 def ends_with_final_answer(text: str) -> bool:
     """Whether the reply's last non-empty line is `#### N` (GSM8K's answer line)."""
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    m = _FINAL_RE.fullmatch(lines[-1]) if lines else None
-    return m is not None and normalize_number(m.group(1)) is not None
+    return (
+        bool(lines)
+        and find_answer(lines[-1], _GSM8K) is not None
+        and _FINAL_RE.fullmatch(lines[-1]) is not None
+    )
 
 
 def calculator_checks(text: str) -> list[bool]:
@@ -378,8 +368,8 @@ def calculator_checks(text: str) -> list[bool]:
     for expr, result in _CALC_RE.findall(text):
         expr = expr.replace(",", "").replace("x", "*").replace("$", "")
         ok = False
-        expected = normalize_number(result)
-        if expected is not None and expr.strip() and _ARITH_RE.fullmatch(expr):
+        expected = normalize_answer(result)
+        if _CANONICAL.fullmatch(expected) and expr.strip() and _ARITH_RE.fullmatch(expr):
             try:
                 value = float(eval(expr, {"__builtins__": {}}, {}))  # noqa: S307 - digits and + - * / ( ) only
                 ok = math.isclose(value, float(expected), rel_tol=1e-6, abs_tol=1e-6)
@@ -401,7 +391,7 @@ def gsm8k_metrics(
     n = len(examples)
     # The gold number: the example's reference, else the `#### N` of its real reply.
     gold = [(ex.reference or final_answer(ex.response), g) for ex, g in zip(examples, generations)]
-    hits = sum(final_answer(g) == normalize_number(ref) for ref, g in gold if ref is not None)
+    hits = sum(final_answer(g) == normalize_answer(ref) for ref, g in gold if ref is not None)
     checks = [ok for g in generations for ok in calculator_checks(g)]
     return {
         "answer_exact_match": hits / max(sum(ref is not None for ref, _ in gold), 1),

@@ -38,14 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from spin.config import LoraConfig, TrainConfig, scheduled
 from spin.errors import SpinError
-from spin.io import append_jsonl, fault_point, read_json, trim_log, write_json
-from spin.loss import spin_loss
+from spin.io import append_jsonl, apply_umask, fault_point, read_json, save_checkpoint, trim_log, write_json
+from spin.loss import reward_wins, spin_loss, tie_rtol
 from spin.modeling import Encoded
 from spin.pairs import collate, encode_all, forward_logps
+from spin.progress import Progress, track
 
 log = logging.getLogger(__name__)
 
@@ -202,14 +202,10 @@ def train_iteration(
     if accelerator.is_main_process:
         trim_log(log_path, start_step)  # rows past the checkpoint are logged again below, not repeated
     pad_id = tokenizer.pad_token_id
+    rtol = tie_rtol(next(base.parameters()).dtype, str(accelerator.mixed_precision))
     t0 = time.perf_counter()
-    bar = tqdm(
-        total=steps,
-        initial=start_step,
-        desc=f"train {iteration}",
-        unit="step",
-        leave=False,
-        disable=None if accelerator.is_main_process else True,
+    bar = Progress(
+        steps, f"train {iteration}", unit="step", initial=start_step, enabled=accelerator.is_main_process
     )
     last: dict[str, float] = {}
     for step in range(start_step, steps):
@@ -237,9 +233,11 @@ def train_iteration(
                         hint="lower train.learning_rate or use train.precision=fp32, then rerun with --force",
                     )
                 accelerator.backward(loss)  # scaled by 1/accum inside
-                # Ties (identical pairs, and every pair at step 1) count 1/2, as in the held-out discriminability.
-                wins = (out.real_rewards > out.generated_rewards).float()
-                accuracy = (wins + 0.5 * (out.real_rewards == out.generated_rewards).float()).mean()
+                # Ties (identical pairs, and every pair at step 1) count 1/2, as in the held-out discriminability;
+                # rewards equal up to float rounding of the two forward passes are ties (spin.loss.TIE_RTOL).
+                refs = batch["ref_chosen_logps"].abs() + batch["ref_rejected_logps"].abs()
+                scale = beta * refs.to(logps.device)
+                accuracy = reward_wins(out.real_rewards, out.generated_rewards, scale, rtol).mean()
                 row = torch.stack(
                     [loss.detach(), out.real_rewards.mean(), out.generated_rewards.mean(), accuracy]
                 )
@@ -396,16 +394,17 @@ def make_accelerator(cfg: TrainConfig) -> Any:
 
 
 def save_trained(accelerator: Any, model: Any, tokenizer: Any, path: Path) -> None:
-    """Save the (possibly wrapped / sharded) model as a standard safetensors checkpoint, atomically."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Save the (possibly wrapped / sharded) model as a standard safetensors checkpoint, atomically
+    (`spin.io.save_checkpoint`: only the checkpoint's own files in `path` are replaced)."""
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards; collective on all ranks
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
         unwrapped = accelerator.unwrap_model(model)
-        unwrapped.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        tmp.rename(path)
+
+        def write(folder: Path) -> None:
+            unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+
+        save_checkpoint(path, write)
     accelerator.wait_for_everyone()
 
 
@@ -418,6 +417,7 @@ def _save_trainer_state(accelerator: Any, checkpoint_dir: Path, step: int, sched
     accelerator.save_state(str(tmp), safe_serialization=True)
     if accelerator.is_main_process:
         write_json(tmp / "trainer_state.json", {"step": step, "scheduler": scheduler.state_dict()})
+        apply_umask(tmp)
         old = checkpoint_dir.with_name(checkpoint_dir.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         if checkpoint_dir.exists():
@@ -459,7 +459,7 @@ def sft_train(
     device = next(model.parameters()).device
     losses = []
     perm: list[int] = []
-    for _ in tqdm(range(steps), desc=desc, leave=False, disable=None):
+    for _ in track(range(steps), steps, desc, unit="step"):
         if len(perm) < batch_size:
             perm += torch.randperm(len(feats), generator=gen).tolist()
         idx, perm = perm[:batch_size], perm[batch_size:]
