@@ -348,3 +348,47 @@ def test_console_shows_one_line_and_no_traceback(recipe: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("spin: error: "), proc.stderr
     assert "data.jsonl:11" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- GGUF models: one-line errors naming the fix (no model is loaded: resolution fails first) ---------------
+
+
+def _eval_argv(model: str, *extra: str) -> list[str]:
+    return ["eval", "--model", model, "--dataset", "builtin:addition", *extra]
+
+
+def test_gguf_folder_without_gguf_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "SmolLM2.Q4_1.gguf").write_bytes(b"GGUF")
+    assert main(_eval_argv(str(tmp_path / "m"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "holds GGUF files" in err and "model.gguf_file=SmolLM2.Q4_1.gguf" in err
+
+
+def test_wrong_gguf_file_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "SmolLM2.Q4_1.gguf").write_bytes(b"GGUF")
+    assert main(_eval_argv(str(tmp_path / "m"), "--gguf-file", "SmolLM2.Q8.gguf")) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "is not in" in err and "GGUF files there: SmolLM2.Q4_1.gguf" in err
+
+
+def test_gguf_without_the_gguf_package(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a)
+    )
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert main(_eval_argv(str(tmp_path / "m.gguf"))) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "needs the gguf package" in err and "pip install gguf" in err
+
+
+def test_model_package_not_installed(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(_eval_argv("package:no_such_model_pkg")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "package:no_such_model_pkg is not installed" in err and "pip install no_such_model_pkg" in err

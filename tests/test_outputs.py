@@ -190,6 +190,24 @@ def test_progress_lines_when_the_output_is_not_a_terminal(
     assert not [r for r in caplog.records if re.match(r"(generate|score real): \d+/", r.getMessage())]
 
 
+def test_progress_heartbeat_logs_while_nothing_finishes(caplog: pytest.LogCaptureFixture) -> None:
+    """A batch of long generations finishes nothing for minutes: the heartbeat still logs a line."""
+    import time
+
+    from spin import progress
+
+    old = progress.INTERVAL
+    progress.set_interval(0.2)
+    try:
+        with caplog.at_level(logging.INFO, logger="spin"):
+            bar = progress.Progress(total=3, desc="generate", unit="prompt")
+            time.sleep(1.5)  # no update at all
+            bar.close()
+    finally:
+        progress.set_interval(old)
+    assert any(r.getMessage().startswith("generate: 0/3 prompts (0%)") for r in caplog.records)
+
+
 def test_progress_line_format() -> None:
     from spin.progress import Progress
 

@@ -267,7 +267,12 @@ def test_gsm8k_metrics_by_hand() -> None:
     ]
     m = gsm8k_metrics(examples, generations)
     # exact match 2/2; answer line last in 1 of 2; annotations: 4+3=7 right, 2*2=5 wrong -> 1/2, 2 in 2 replies
-    assert m == {"answer_exact_match": 1.0, "final_answer_rate": 0.5, "calc_accuracy": 0.5, "calc_per_reply": 1.0}
+    assert m == {
+        "answer_exact_match": 1.0,
+        "final_answer_rate": 0.5,
+        "calc_accuracy": 0.5,
+        "calc_per_reply": 1.0,
+    }
 
 
 def test_calculator_checks_evaluate_arithmetic_only() -> None:

@@ -2,7 +2,7 @@
 
 On a terminal, a tqdm bar as usual. When the output is not a terminal (`spin run ... > run.log 2>&1`, how long
 runs are run), tqdm draws nothing; instead one line is logged through the `spin` logger every
-`INTERVAL` seconds (`progress_seconds` in the config, default 30) with done/total, rate and ETA, and a last
+`INTERVAL` seconds (from a heartbeat thread, so also while nothing finishes) (`progress_seconds` in the config, default 30) with done/total, rate and ETA, and a last
 line when a stage that logged ends:
 
     generate: 384/8000 prompts (5%), 6.21 prompts/s, ETA 20m26s (prompts_s=6.2, tokens_s=403)
@@ -15,6 +15,7 @@ line when a stage that logged ends:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
@@ -57,6 +58,15 @@ class Progress:
         self.start = self.last = time.monotonic()
         self.logged_n: int | None = None  # progress at the last line logged
         self.postfix: dict[str, Any] = {}
+        # A heartbeat thread logs even when nothing finished for a while (a batch of long generations).
+        self._stop = threading.Event()
+        if self.lines:
+            threading.Thread(target=self._beat, name=f"progress {desc}", daemon=True).start()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(max(self.interval / 2, 1.0)):
+            if self.lines and time.monotonic() - self.last >= self.interval:
+                self._log()
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -89,6 +99,7 @@ class Progress:
         log.info("%s", self.line())
 
     def close(self) -> None:
+        self._stop.set()
         self.bar.close()
         if self.lines and self.logged_n is not None and self.logged_n != self.n:
             self._log()  # the last line of a stage that logged: where it ended
