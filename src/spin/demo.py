@@ -195,9 +195,9 @@ def real_demo_config(output_dir: str, seed: int, overrides: list[str] | None = N
 
     No SFT warm-up: SmolLM2-Instruct already answers such problems (a quarter right, greedy) but not in the
     data's style (calculator annotations, a final `#### N` line), which is what SPIN has to teach it. Departures
-    from the paper, for 2 CPU cores: 96 prompts instead of 50k; 1 epoch instead of 2; AdamW at 1e-5, then 2e-6
-    (the paper's 5x drop after iteration 1), instead of RMSProp at 5e-7 (with 12 optimizer steps per iteration,
-    5e-7 does not move a 135M model measurably); replies capped at 96 new tokens.
+    from the paper, for 2 CPU cores: 64 prompts instead of 50k; 1 epoch instead of 2; AdamW at 1e-5, then 2e-6
+    (the paper's 5x drop after iteration 1), instead of RMSProp at 5e-7 (with 8 optimizer steps per iteration,
+    5e-7 does not move a 135M model measurably); replies capped at 64 new tokens.
     """
     from spin.modeling import SMOLLM2, SMOLLM2_GGUF
 
@@ -210,9 +210,9 @@ def real_demo_config(output_dir: str, seed: int, overrides: list[str] | None = N
         **{
             "model.name_or_path": SMOLLM2,
             "model.gguf_file": SMOLLM2_GGUF,
-            "data.num_examples": 96,
-            "data.eval_size": 32,
-            "generation.max_new_tokens": 96,
+            "data.num_examples": 64,
+            "data.eval_size": 24,
+            "generation.max_new_tokens": 64,
             "generation.temperature": 1.0,
             "generation.batch_size": 32,
             "generation.engine": "refill",
@@ -222,7 +222,7 @@ def real_demo_config(output_dir: str, seed: int, overrides: list[str] | None = N
             "train.epochs": 1,
             "train.optimizer": "adamw",
             "train.batch_size": 8,
-            "train.max_length": 256,
+            "train.max_length": 160,
             "train.save_steps": 4,
             "eval.batch_size": 16,
         },
