@@ -5,7 +5,7 @@ so a batch pads little and an out-of-memory error shows at once; identical promp
 sorted list into fixed shards, generates each shard and writes it to `DIR/shard_XXXXX.jsonl` atomically as
 soon as it is done. Results come back in input order.
 
-Three engines (`generation.engine`, implemented in `spin.engines`):
+Four engines (`generation.engine`, implemented in `spin.engines`, vLLM in `spin.vllm_engine`):
 
 - `refill` (spin's own loop): a left-padded batch of up to `batch_size` rows over a KV cache. A row that
   finishes (end of turn, stop string, max_new_tokens) stops counting at once; when half the slots are free,
@@ -20,8 +20,12 @@ Three engines (`generation.engine`, implemented in `spin.engines`):
   slower than `generate` (Python scheduling per step, attention masks over the whole paged cache), and it
   cannot use spin's sampler: its samples come from its own seeded RNG, so they differ from the other two
   engines' for the same seed. Stop strings are applied after the fact (the tokens after a stop are wasted).
-- `auto` (default): times each supported engine once per process on a probe of the prompts (one batch
-  of them, the real settings) and uses the fastest (with fewer than 4 batches of prompts it does not measure
+- `vllm` (extra `spin[vllm]`): vLLM's offline engine, started from the model's checkpoint folder for one
+  call and shut down before it returns; the same prompt ids and the same `_finish` cut, but vLLM's own
+  seeded sampler (see `spin.vllm_engine` for what that changes, and for data / tensor parallelism).
+- `auto` (default): vLLM when it is importable and the model is on a GPU (logged either way); otherwise it
+  times each HF engine once per process on a probe of the prompts (one batch of them, the real settings)
+  and uses the fastest (with fewer than 4 batches of prompts it does not measure
   and uses `refill` where supported); the choice and the timings are logged,
   cached per (model shape, device, dtype, settings) and written to `DIR/engine.json`, so a resumed run keeps
   the engine it started with. Under several processes rank 0's choice is used everywhere.
@@ -75,6 +79,7 @@ from spin.engines import (
 from spin.errors import SpinError
 from spin.io import atomic_write_text, fault_point, read_jsonl
 from spin.modeling import encode, render_prompt
+from spin.vllm_engine import VllmEngine, auto_choice, check_vllm, rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +190,9 @@ def _resolve_engine(
     model: Any, prompt_ids: list[list[int]], spec: Spec, shard_dir: Path | None, accelerator: Any, desc: str
 ) -> str:
     engine = spec.cfg.engine
+    if engine == "vllm":  # spin.vllm_engine: loads the checkpoint folder itself, any causal LM vLLM knows
+        check_vllm()
+        return engine
     if engine != "auto":
         if engine not in supported_engines(model):
             raise SpinError(
@@ -203,7 +211,7 @@ def _resolve_engine(
     if previous is not None:
         log.info("%s: engine %s (chosen when this generation started, %s)", desc, previous, saved)
         return str(previous)
-    engine, reason = _choose_engine(model, prompt_ids, spec, accelerator)
+    engine, reason = auto_choice(model) or _choose_engine(model, prompt_ids, spec, accelerator)
     log.info("%s: engine %s: %s", desc, engine, reason)
     if distributed:
         accelerator.wait_for_everyone()
@@ -220,6 +228,36 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+def _run_shards(
+    run_engine: Callable[..., list[list[int]]],
+    model: Any,
+    prompt_ids: list[list[int]],
+    shards: list[list[int]],
+    todo: list[int],
+    spec: Spec,
+    shard_dir: Path | None,
+    results: dict[int, Generation],
+    on_done: Callable[[int], None],
+    on_shard: Callable[[int], None] | None,
+) -> None:
+    """Generate shards `todo` with `run_engine`, each cut by `_finish`, written final and added to results."""
+    for s in todo:
+        idx = shards[s]
+        with torch.inference_mode():
+            rows = run_engine(model, [prompt_ids[i] for i in idx], idx, spec, on_done)
+        shard_results = [(i, _finish(spec, row)) for i, row in zip(idx, rows)]
+        if shard_dir is not None:
+            lines = [
+                json.dumps({"index": i, "text": g.text, "num_tokens": g.num_tokens, "finished": g.finished})
+                for i, g in shard_results
+            ]
+            atomic_write_text(shard_dir / f"shard_{s:05d}.jsonl", "\n".join(lines) + "\n")
+            fault_point("shard")  # test hook (spin.io): a kill with this shard final on disk
+        results.update(shard_results)
+        if on_shard is not None:
+            on_shard(s)
+
+
 # ------------------------------------------------------------------------------------------------------
 
 
@@ -234,8 +272,12 @@ def generate_responses(
     desc: str = "generate",
     accelerator: Any = None,
     on_shard: Callable[[int], None] | None = None,
+    model_path: str | Path | None = None,
 ) -> list[Generation]:
-    """One response per prompt, in input order (see the module docstring for engines, sharding, resume)."""
+    """One response per prompt, in input order (see the module docstring for engines, sharding, resume).
+
+    `model_path`: the folder holding `model`'s weights, for the vLLM engine (default: the folder `load_model`
+    loaded them from, while training has not changed them; else vLLM gets a temporary copy)."""
     # Render and tokenize each distinct conversation once (built-in tasks repeat prompts many times).
     first: dict[str, int] = {}
     which = [first.setdefault(json.dumps(p, sort_keys=True), i) for i, p in enumerate(prompts)]
@@ -261,12 +303,13 @@ def generate_responses(
     )
 
     results: dict[int, Generation] = {}
-    mine = [s for s in range(len(shards)) if s % world == rank]
+    # Every process takes part in choosing (the choice is broadcast), even one with nothing left to do.
+    engine = _resolve_engine(model, prompt_ids, spec, shard_dir, accelerator, desc) if prompts else "generate"
+    alone = engine == "vllm" and rank_zero_only(cfg.vllm, world)  # tensor parallel: rank 0 does every shard
+    mine = [s for s in range(len(shards)) if (rank == 0 if alone else s % world == rank)]
     todo = [s for s in mine if shard_dir is None or not (shard_dir / f"shard_{s:05d}.jsonl").exists()]
     if len(todo) < len(mine):
         log.info("%s: %d of %d shards already on disk, resuming", desc, len(mine) - len(todo), len(mine))
-    # Every process takes part in choosing (the choice is broadcast), even one with nothing left to do.
-    engine = _resolve_engine(model, prompt_ids, spec, shard_dir, accelerator, desc) if prompts else "generate"
     n_todo = sum(len(shards[s]) for s in todo)
     bar = tqdm(
         total=n_todo,
@@ -284,21 +327,14 @@ def generate_responses(
         elapsed = max(time.perf_counter() - start, 1e-9)
         bar.set_postfix(prompts_s=f"{bar.n / elapsed:.1f}", tokens_s=f"{tokens / elapsed:.0f}", refresh=False)
 
-    for s in todo:
-        idx = shards[s]
-        with torch.inference_mode():
-            rows = _ENGINE_FNS[engine](model, [prompt_ids[i] for i in idx], idx, spec, on_done)
-        shard_results = [(i, _finish(spec, row)) for i, row in zip(idx, rows)]
-        if shard_dir is not None:
-            lines = [
-                json.dumps({"index": i, "text": g.text, "num_tokens": g.num_tokens, "finished": g.finished})
-                for i, g in shard_results
-            ]
-            atomic_write_text(shard_dir / f"shard_{s:05d}.jsonl", "\n".join(lines) + "\n")
-            fault_point("shard")  # test hook (spin.io): a kill with this shard final on disk
-        results.update(shard_results)
-        if on_shard is not None:
-            on_shard(s)
+    run_engine = _ENGINE_FNS[engine] if engine != "vllm" else VllmEngine(model, spec, model_path, accelerator)
+    if isinstance(run_engine, VllmEngine):
+        run_engine.start(load=bool(todo))  # outside inference_mode: it moves the model to CPU memory
+    try:
+        _run_shards(run_engine, model, prompt_ids, shards, todo, spec, shard_dir, results, on_done, on_shard)
+    finally:
+        if isinstance(run_engine, VllmEngine):
+            run_engine.close()  # its memory is free again before anything else (training) runs
     bar.close()
 
     if shard_dir is not None:

@@ -47,6 +47,7 @@ HARMLESS = (
     "eval.num_samples",
     "eval.lm_eval",
     "generation.engine",
+    "generation.vllm",  # engine options (memory, parallelism); absent from runs started before they existed
 )
 CHECKPOINT = "trainer_checkpoint"
 BASE_MODEL = "base_model"  # RUN_DIR/base_model: a GGUF starting model converted once to safetensors
