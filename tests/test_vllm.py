@@ -282,3 +282,10 @@ def test_loaded_models_know_their_folder_until_trained(tiny_dir: Path, prompts: 
     tok = load_tokenizer(tiny_dir, ModelConfig())
     sft_train(model, tok, prompts[:2], ["ab", "cd"], steps=1, lr=1e-4, batch_size=2, seed=0)
     assert checkpoint_of(model) is None  # its weights are no longer the folder's
+
+
+def test_the_gpu_recipe_generates_with_vllm_within_its_context() -> None:
+    cfg = load_config(Path(__file__).resolve().parents[1] / "recipes" / "vllm-gpu.yaml")
+    g, d = cfg.generation, cfg.data
+    assert g.engine == "vllm" and g.vllm.tensor_parallel_size == 1
+    assert g.vllm.max_model_len is not None and g.vllm.max_model_len >= d.max_prompt_tokens + g.max_new_tokens
