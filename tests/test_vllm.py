@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -170,9 +171,9 @@ def test_one_iteration_spin_run_with_the_vllm_engine(tiny_dir: Path, tmp_path: P
         summary = run(cfg)
     assert [it["iteration"] for it in summary["iterations"]] == [0, 1]
     pairs = [json.loads(line) for line in (run_dir / "iteration_1" / "pairs.jsonl").open()]
-    assert len(pairs) == 32 and all(p["rejected"][0]["content"] is not None for p in pairs)
+    assert len(pairs) == 40 and all(isinstance(p["rejected"][0]["content"], str) for p in pairs)
     shards = sorted((run_dir / "iteration_1" / "generations").glob("shard_*.jsonl"))
-    assert len(shards) == 2  # 32 prompts in shards of 16
+    assert len(shards) == 3  # 40 prompts in shards of 16
     starts = [r.getMessage() for r in caplog.records if "vLLM engine started" in r.getMessage()]
     assert len(starts) == 3
     assert f"on {tiny_dir} " in starts[1] and f"on {run_dir / 'iteration_1' / 'model'} " in starts[2]
@@ -193,7 +194,10 @@ def test_smollm2_greedy_replies_agree_with_the_generate_engine(smollm2_dir: Path
     want = generate_responses(model, tok, prompts, _cfg(max_new_tokens=64, batch_size=8), seed=0, greedy=True)
     got = generate_responses(model, tok, prompts, _cfg(engine="vllm", max_new_tokens=64), seed=0, greedy=True)
     same = sum(g == w for g, w in zip(got, want))
-    print(f"SmolLM2 greedy: {same}/{len(prompts)} replies identical to the generate engine's")
+    if same < len(prompts):  # shown in pytest's warnings summary; no warning: every reply identical
+        warnings.warn(
+            f"SmolLM2 greedy: {same}/{len(prompts)} replies identical to the generate engine's", stacklevel=1
+        )
     assert same >= 0.95 * len(prompts)
     for g, w in zip(got, want):
         assert g.text[:8] == w.text[:8] and "<|im_end|>" not in g.text
