@@ -268,6 +268,7 @@ def test_auto_uses_vllm_only_on_a_gpu(lm: tuple[Any, Any], monkeypatch: Any, cap
     import spin.vllm_engine as ve
 
     monkeypatch.setattr(ve, "vllm_available", lambda: True)
+    monkeypatch.setattr(ve, "_SAID_CPU", [])
     with caplog.at_level(logging.INFO, logger="spin.vllm_engine"):
         assert auto_choice(lm[0]) is None  # on CPU: start-up costs minutes, so only when asked for
     assert "set generation.engine=vllm" in caplog.text

@@ -22,6 +22,9 @@ Departures from the other engines:
   GPU; on CPU it runs only when asked for;
 - under QLoRA vLLM samples from the checkpoint's unquantized weights, not the 4-bit model.
 
+vLLM starts worker processes: a script that calls spin with this engine needs an
+`if __name__ == "__main__":` guard (the `spin` command has one).
+
 Parallelism: under `accelerate launch` with `tensor_parallel_size: 1`, every process runs its own engine on
 its own GPU over its own shards (data parallel). With `tensor_parallel_size: N > 1`, rank 0 alone runs one
 engine over N GPUs and generates every shard while the other ranks wait (with their models in CPU memory).
@@ -51,6 +54,9 @@ log = logging.getLogger(__name__)
 CPU_KV_CACHE_GIB = 1.0  # on CPU vLLM would otherwise reserve gpu_memory_utilization of ALL the machine's RAM
 
 
+_SAID_CPU: list[bool] = []
+
+
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
@@ -70,6 +76,9 @@ def auto_choice(model: Any) -> tuple[str, str] | None:
     if not vllm_available():
         return None
     if dev.type != "cuda":
+        if _SAID_CPU:
+            return None
+        _SAID_CPU.append(True)  # said once per process
         log.info(
             "vLLM is installed but auto does not use it on %s (its start-up costs minutes there); "
             "set generation.engine=vllm to use it anyway",
