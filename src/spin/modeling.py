@@ -249,9 +249,23 @@ def load_model(
         raise _load_error("a model", source, e, hint) from e
     if source.gguf_file is not None:
         model = _plain_model(model, dtype)
+    elif Path(source.path).is_dir() or cfg.revision is None:
+        # The folder (or Hub id) holding exactly these weights, for engines that load it themselves (vLLM).
+        setattr(model, "spin_checkpoint", source.path)  # noqa: B010 - nn.Module typing
     if load_in_4bit:
         return model  # placed by device_map; a 4-bit model cannot be moved with .to()
     return model.to(device)  # type: ignore[arg-type]
+
+
+def checkpoint_of(model: Any) -> str | None:
+    """The folder or Hub id `model`'s weights were loaded from by `load_model`, while they still equal it."""
+    return getattr(model, "spin_checkpoint", None)
+
+
+def forget_checkpoint(model: Any) -> None:
+    """Mark `model`'s weights as no longer those of its folder (training changes them in place)."""
+    if getattr(model, "spin_checkpoint", None) is not None:
+        setattr(model, "spin_checkpoint", None)  # noqa: B010
 
 
 def _four_bit_kwargs(device: torch.device) -> dict[str, Any]:

@@ -49,6 +49,7 @@ HARMLESS = (
     "generation.engine",
     "threads",
     "progress_seconds",
+    "generation.vllm",  # engine options (memory, parallelism); absent from runs started before they existed
 )
 CHECKPOINT = "trainer_checkpoint"
 BASE_MODEL = "base_model"  # RUN_DIR/base_model: a GGUF starting model converted once to safetensors

@@ -43,7 +43,7 @@ from spin.config import LoraConfig, TrainConfig, scheduled
 from spin.errors import SpinError
 from spin.io import append_jsonl, apply_umask, fault_point, read_json, save_checkpoint, trim_log, write_json
 from spin.loss import reward_wins, spin_loss, tie_rtol
-from spin.modeling import Encoded
+from spin.modeling import Encoded, forget_checkpoint
 from spin.pairs import collate, encode_all, forward_logps
 from spin.progress import Progress, track
 
@@ -146,6 +146,7 @@ def train_iteration(
         raise SpinError(
             f"iteration {iteration} has no training pairs", hint="check the dataset and data.eval_size"
         )
+    forget_checkpoint(model)  # its weights change in place: no longer those of the folder it came from
     beta = float(scheduled(cfg.beta, iteration))
     lr = float(scheduled(cfg.learning_rate, iteration))
     epochs = float(scheduled(cfg.epochs, iteration))
@@ -468,6 +469,7 @@ def sft_train(
     called every `check_every` steps with the model in eval mode, ends training early when it returns True
     (the demo stops its warm-up once the model answers a given fraction of problems).
     """
+    forget_checkpoint(model)
     feats = encode_all(tokenizer, prompts, responses, max_length)
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
