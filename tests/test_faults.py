@@ -99,7 +99,10 @@ def listing(run_dir: Path) -> set[str]:
 
 def without_seconds(obj: object) -> object:
     if isinstance(obj, dict):
-        return {k: without_seconds(v) for k, v in obj.items() if k not in ("seconds", "output_dir")}
+        # Wall-clock times (seconds, seconds_<stage>) differ between runs; so does the folder.
+        return {
+            k: without_seconds(v) for k, v in obj.items() if not k.startswith("seconds") and k != "output_dir"
+        }
     if isinstance(obj, list):
         return [without_seconds(v) for v in obj]
     return obj

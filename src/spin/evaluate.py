@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -104,6 +105,7 @@ def evaluate_model(
     With `answers_path`, every scored answer is written there (`answer_rows`), so a user can see why a
     reply did or did not count.
     """
+    start = time.perf_counter()
     prompts = [ex.prompt for ex in examples]
     real = [ex.response for ex in examples]
     tcfg, ecfg = cfg.train, cfg.eval
@@ -167,6 +169,7 @@ def evaluate_model(
         for p, r, g in list(zip(prompts, real, answers))[: ecfg.num_samples]
     ]
     metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+    metrics["seconds_eval"] = time.perf_counter() - start  # this stage's wall time
     return metrics, state, samples
 
 

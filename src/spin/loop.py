@@ -261,12 +261,10 @@ def _play(cfg: SpinConfig, force: bool, accelerator: Any, run_dir: Path, start: 
             metrics = read_json(it_dir / "metrics.json")
             state = EvalState(**read_json(it_dir / "eval_state.json"))
         else:
-            start_eval = time.perf_counter()
             answers = it_dir / "answers.jsonl" if main else None
             metrics, state, samples = evaluate_model(
                 model, tokenizer, held_out, cfg, t, state, answers_path=answers
             )
-            metrics["seconds_eval"] = time.perf_counter() - start_eval
             if t >= 1:
                 metrics.update({f"pairs_{k}": v for k, v in read_json(it_dir / "pair_stats.json").items()})
             if cfg.eval.lm_eval_tasks:  # optional benchmarks (spin[lmeval]); iteration 0 fails fast on a typo
