@@ -28,10 +28,10 @@ import torch
 
 from spin.config import scheduled
 from spin.demo import demo_config, run_demo
-from spin.evaluate import evaluate_model
+from spin.evaluation import evaluate_model
 from spin.loop import load_examples
 from spin.modeling import load_model, load_tokenizer
-from spin.train import sft_train
+from spin.trainer import sft_train
 
 
 def continued_sft(out: Path, seed: int, steps: list[int]) -> dict[str, Any]:

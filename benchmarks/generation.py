@@ -6,7 +6,7 @@ What: the same model and the same prompts are generated three ways, with the sam
 1. one at a time: `model.generate` per prompt (the paper's simplified loop);
 2. plain batched: `model.generate` on batches of `--batch-size` prompts in input order, left padded (what a
    competent user writes);
-3. spin: `spin.generate.generate_responses` with engine=auto, timed twice: the first call includes auto's
+3. spin: `spin.generation.generate_responses` with engine=auto, timed twice: the first call includes auto's
    one-off probe of every engine, the second reuses the cached choice (what every later SPIN iteration in
    the process gets). Each engine is also timed on its own.
 
@@ -55,7 +55,7 @@ from typing import Any
 import torch
 
 from spin.config import GenerationConfig
-from spin.generate import _ENGINE_CACHE, generate_responses, supported_engines
+from spin.generation import _ENGINE_CACHE, generate_responses, supported_engines
 from spin.modeling import build_char_tokenizer, build_tiny_model, count_parameters, encode, render_prompt
 
 log = logging.getLogger("bench")
@@ -73,7 +73,7 @@ def char_model(
     from spin.config import ModelConfig
     from spin.modeling import load_model, load_tokenizer, save_model
     from spin.tasks import get_task
-    from spin.train import sft_train
+    from spin.trainer import sft_train
 
     tok = build_char_tokenizer()
     model = build_tiny_model(tok, hidden_size=256, num_layers=4, num_heads=4, seed=seed)

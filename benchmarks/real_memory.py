@@ -61,9 +61,9 @@ def worker(model_dir: str, gc: bool, heap: bool, steps: int, n_pairs: int) -> di
 
         limit_heap_growth()
     from spin.config import ModelConfig, TrainConfig
+    from spin.logps import score_logps
     from spin.modeling import load_model, load_tokenizer
-    from spin.pairs import score_logps
-    from spin.train import train_iteration
+    from spin.trainer import train_iteration
 
     torch.manual_seed(0)
     out: dict[str, Any] = {"start_gb": _rss_gb()}

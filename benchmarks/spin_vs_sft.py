@@ -5,7 +5,7 @@ plateaued, more SFT epochs on the same data stop helping, while SPIN iterations 
 replies keep improving the model. This script checks that claim at small scale, on both built-in tasks:
 
 1. SFT to a plateau. A tiny character Llama is SFT-trained on a fixed set of `--sft-examples` examples
-   (`spin.train.sft_train`, in chunks of `--chunk-steps` steps, each chunk one cosine cycle). After every
+   (`spin.trainer.sft_train`, in chunks of `--chunk-steps` steps, each chunk one cosine cycle). After every
    chunk the per-token NLL on a separate VALIDATION set (not the test set) is measured; training stops when
    it has not improved by `--plateau-tol` (relative) for `--plateau-patience` chunks, and the best chunk is
    kept. The whole curve is written to results.json and summarised in the table ("plateau" column).
@@ -47,12 +47,12 @@ import torch
 
 import spin.loop
 from spin.config import SpinConfig, load_config, scheduled
-from spin.evaluate import evaluate_model
+from spin.evaluation import evaluate_model
+from spin.logps import encode_all, score_logps
 from spin.loop import load_examples
 from spin.modeling import build_char_tokenizer, build_tiny_model, load_model, load_tokenizer, save_model
-from spin.pairs import encode_all, score_logps
 from spin.tasks import get_task
-from spin.train import sft_train
+from spin.trainer import sft_train
 
 log = logging.getLogger("spin.bench")
 

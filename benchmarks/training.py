@@ -9,8 +9,8 @@ that variant's alone):
   step): the paper's simplified setup, and what the official SPIN code does.
 - `trl_precompute`: `DPOTrainer(precompute_ref_log_probs=True)`: one reference pass before training (inside
   the trainer's constructor), then one model.
-- `spin`: the reference pass (`spin.pairs.score_logps`, what `spin run` does when it builds the pairs), then
-  `spin.train.train_iteration`. Training time and the reference pass are reported separately and summed.
+- `spin`: the reference pass (`spin.logps.score_logps`, what `spin run` does when it builds the pairs), then
+  `spin.trainer.train_iteration`. Training time and the reference pass are reported separately and summed.
 
 Per variant: wall time of the reference pass (if any) and of training, pairs/s of training alone and of
 reference + training, tokens/s, peak memory (CPU: peak RSS of the process, `ru_maxrss`; GPU:
@@ -137,9 +137,9 @@ def peak_memory_mb(device: Any) -> float:
 
 def run_spin(args: argparse.Namespace, work: Path, pairs: list[dict], device: Any, dtype: Any) -> dict:
     from spin.config import ModelConfig, TrainConfig
+    from spin.logps import score_logps
     from spin.modeling import load_model, load_tokenizer
-    from spin.pairs import score_logps
-    from spin.train import train_iteration
+    from spin.trainer import train_iteration
 
     tokenizer = load_tokenizer(work / "model", ModelConfig())
     model = load_model(work / "model", ModelConfig(), device=device, dtype=dtype)
@@ -276,7 +276,7 @@ def worker(args: argparse.Namespace) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # What each trainer imports (spin does not need trl or datasets), before any model exists: the baseline.
     if args.worker == "spin":
-        import spin.train  # noqa: F401
+        import spin.trainer  # noqa: F401
     else:
         import datasets  # noqa: F401
         import trl  # noqa: F401

@@ -48,7 +48,7 @@ def worker(way: str, args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     from spin.config import GenerationConfig, ModelConfig
-    from spin.generate import _eos_ids, generate_responses
+    from spin.generation import _eos_ids, generate_responses
     from spin.modeling import encode, load_model, load_tokenizer, render_prompt
 
     sys.path.insert(0, str(REPO / "benchmarks"))

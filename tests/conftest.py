@@ -28,7 +28,7 @@ def make_tiny_sft_model(
     """A 2-layer, hidden-32 character Llama, briefly SFT-trained on a built-in task, saved to `path`."""
     from spin.modeling import build_char_tokenizer, build_tiny_model, save_model
     from spin.tasks import get_task
-    from spin.train import sft_train
+    from spin.trainer import sft_train
 
     tok = build_char_tokenizer()
     model = build_tiny_model(tok, hidden_size=hidden_size, num_layers=2, num_heads=num_heads, seed=seed)

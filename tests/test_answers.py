@@ -12,7 +12,7 @@ from spin.answers import compile_answer_pattern, extract_answer, find_answer, no
 from spin.config import DataConfig
 from spin.data import Example, load_sft_examples
 from spin.errors import SpinError
-from spin.evaluate import answer_rows
+from spin.evaluation import answer_rows
 
 SMOLLM_STYLE = "Natalia sold 48 + 24 = 72 clips.\n#### 72\nThe answer is: 72"
 

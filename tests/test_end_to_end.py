@@ -56,10 +56,10 @@ def test_two_iterations_change_parameters_and_write_run_folder(make_config, tiny
 
 def test_pair_contents(make_config, tiny_model_dir: Path, tmp_path: Path) -> None:
     """chosen = the dataset's reply, rejected = the opponent's sample, reference log-probs of both stored."""
+    from spin.logps import score_logps
     from spin.loop import load_examples
     from spin.modeling import load_model, load_tokenizer
     from spin.opponent import make_iteration_pairs
-    from spin.pairs import score_logps
 
     cfg = make_config()
     assert isinstance(cfg, SpinConfig)

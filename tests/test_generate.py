@@ -6,7 +6,6 @@ paper's simplified loop; every engine must reproduce it on prompts of different 
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from pathlib import Path
@@ -16,12 +15,12 @@ from typing import Any
 import pytest
 import torch
 
+import spin.generation as gen
 from spin.config import GenerationConfig
 from spin.engines import Sampler, Spec
-from spin.generate import generate_responses, supported_engines
+from spin.generation import generate_responses, supported_engines
 from spin.modeling import encode, load_model, load_tokenizer, render_prompt
 
-gen = importlib.import_module("spin.generate")  # `spin.generate` the attribute is the API function
 ENGINES = ["refill", "generate", "continuous"]
 
 
@@ -220,7 +219,7 @@ def test_auto_measures_logs_and_records_its_choice(
 
         monkeypatch.setitem(gen._ENGINE_FNS, name, wrapped)
     cfg = _cfg(engine="auto", batch_size=1, max_new_tokens=4)  # 12 prompts = 12 batches: worth measuring
-    with caplog.at_level(logging.INFO, logger="spin.generate"):
+    with caplog.at_level(logging.INFO, logger="spin.generation"):
         first = generate_responses(*lm, prompts, cfg, seed=0, shard_dir=tmp_path / "a")
     record = json.loads((tmp_path / "a" / "engine.json").read_text())
     assert record["engine"] in ENGINES and "median of 3 probes of 1 prompts" in record["reason"]
@@ -298,7 +297,7 @@ def test_the_engine_choice_is_logged_once(
 ) -> None:
     monkeypatch.setattr(gen, "_ENGINE_CACHE", {})
     monkeypatch.setattr(gen, "_LOGGED", set())
-    with caplog.at_level(logging.INFO, logger="spin.generate"):
+    with caplog.at_level(logging.INFO, logger="spin.generation"):
         for desc in ("eval samples", "eval greedy", "generate 1"):
             generate_responses(*lm, prompts[:3], _cfg(engine="auto", max_new_tokens=2), seed=0, desc=desc)
     lines = [

@@ -51,7 +51,7 @@ def test_two_processes_match_one(tiny_grammar_model_dir: Path, tmp_path: Path) -
 
     # Equal to one process with the same seed (the sampler depends on (seed, prompt index, step) only).
     from spin.config import ModelConfig
-    from spin.generate import generate_responses
+    from spin.generation import generate_responses
     from spin.modeling import load_model, load_tokenizer
 
     tok = load_tokenizer(tiny_grammar_model_dir, ModelConfig())

@@ -20,9 +20,9 @@ from safetensors.torch import load_file
 
 from spin.config import ModelConfig
 from spin.errors import SpinError
+from spin.logps import collate, encode_all, forward_logps, score_logps
 from spin.modeling import load_model, load_tokenizer
-from spin.pairs import collate, encode_all, forward_logps, score_logps
-from spin.train import train_iteration
+from spin.trainer import train_iteration
 
 CPU = torch.device("cpu")
 

@@ -16,14 +16,8 @@ from typing import Any
 import pytest
 import torch
 
-from spin.loss import (
-    LOSS_TYPES,
-    SpinLossOutput,
-    mix_reference_logps,
-    sequence_logps,
-    sequence_token_counts,
-    spin_loss,
-)
+from spin.logps import sequence_logps, sequence_token_counts
+from spin.loss import LOSS_TYPES, SpinLossOutput, mix_reference_logps, spin_loss
 
 # ---------------------------------------------------------------------------------------------------------
 # spin_loss on three numbers, computed by hand (β = 0.5)

@@ -17,11 +17,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from spin.config import GenerationConfig, ModelConfig, load_config
-from spin.generate import generate_responses
+from spin.generation import generate_responses
+from spin.logps import collate, encode_all, forward_logps, score_logps
 from spin.modeling import encode, encode_response, load_model, load_tokenizer, render_prompt
-from spin.pairs import collate, encode_all, forward_logps, score_logps
 from spin.tasks import make_word_problem_examples
-from spin.train import collate_pairs, featurize
+from spin.trainer import collate_pairs, featurize
 
 pytestmark = pytest.mark.real_model
 

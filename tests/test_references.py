@@ -60,8 +60,8 @@ def _setup(make_config, iterates: dict[int, Path], t: int, *overrides: str):
 
 def _scores(model_dir: Path, cfg: SpinConfig, tok, pairs: list[dict]) -> tuple[list[float], list[float]]:
     """(real, generated) log-probs of the pairs under the checkpoint, recomputed independently."""
+    from spin.logps import score_logps
     from spin.modeling import load_model
-    from spin.pairs import score_logps
 
     model = load_model(model_dir, cfg.model)
     prompts = [p["prompt"] for p in pairs]
@@ -144,7 +144,7 @@ def test_opponent_window_is_clipped_at_p0_and_assignment_is_deterministic(make_c
 def test_fictitious_play_samples_and_scores_with_the_assigned_iterate(
     make_config, iterates: dict[int, Path], t: int, history: int, window: list[int]
 ) -> None:
-    from spin.generate import generate_responses
+    from spin.generation import generate_responses
     from spin.modeling import load_model
     from spin.opponent import assign_iterates, make_iteration_pairs, opponent_window
 

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 from pathlib import Path
@@ -75,7 +74,7 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path: Path) -> None:
 
 
 def _pairs(tokenizer: Any, model: Any, n: int) -> list[dict]:
-    from spin.pairs import score_logps
+    from spin.logps import score_logps
     from spin.tasks import get_task
 
     make = get_task("addition").make_examples
@@ -100,10 +99,10 @@ def _pairs(tokenizer: Any, model: Any, n: int) -> list[dict]:
 def test_training_resumes_bitwise_from_its_checkpoint(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import spin.trainer as train_module
     from spin.config import TrainConfig
     from spin.modeling import load_model, load_tokenizer
 
-    train_module = importlib.import_module("spin.train")  # `spin.train` is also the API function
     tok = load_tokenizer(tiny_model_dir, ModelConfig())
     pairs = _pairs(tok, load_model(tiny_model_dir, ModelConfig(), device=CPU), 24)
     cfg = TrainConfig(

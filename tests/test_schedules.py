@@ -86,9 +86,9 @@ def test_beta_and_epoch_schedules(scheduled_run: SpinConfig, t: int) -> None:
 
 @pytest.mark.slow
 def test_mix_previous_adds_half_of_iteration_1_pairs_rescored_by_p1(scheduled_run: SpinConfig) -> None:
+    from spin.logps import score_logps
     from spin.modeling import load_model, load_tokenizer
     from spin.opponent import mixed_pairs
-    from spin.pairs import score_logps
 
     cfg = scheduled_run
     run_dir = Path(cfg.output_dir)

@@ -23,10 +23,10 @@ import torch
 
 from spin.config import ModelConfig, TrainConfig
 from spin.errors import SpinError
+from spin.logps import score_logps
 from spin.loss import spin_loss
 from spin.modeling import encode_response, load_model, load_tokenizer
-from spin.pairs import score_logps
-from spin.train import resolve_precision, train_iteration
+from spin.trainer import resolve_precision, train_iteration
 
 CPU = torch.device("cpu")
 
@@ -254,9 +254,8 @@ def test_forward_logps_matches_sequence_logps(
     tok_model: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch, masked_head: bool
 ) -> None:
     """The LM head on response positions only + chunked fp32 log-probs == full logits + `sequence_logps`."""
-    import spin.pairs as pairs_mod
-    from spin.loss import sequence_logps
-    from spin.pairs import TokenLogps, collate, encode_all, forward_logps
+    import spin.logps as pairs_mod
+    from spin.logps import TokenLogps, collate, encode_all, forward_logps, sequence_logps
 
     tokenizer, model = tok_model
     assert pairs_mod.lm_head_takes_mask(model)  # a transformers 5 Llama
@@ -280,7 +279,7 @@ def test_forward_logps_matches_sequence_logps(
 
 def test_token_logps_bf16_logits() -> None:
     """bf16 logits: log-probs computed in fp32 from them, gradient returned in bf16."""
-    from spin.pairs import TokenLogps
+    from spin.logps import TokenLogps
 
     gen = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(10, 50, generator=gen)).bfloat16().requires_grad_()
@@ -299,7 +298,7 @@ def test_token_logps_bf16_logits() -> None:
 def test_sft_train_stops_when_told(tok_model: tuple[Any, Any]) -> None:
     """`stop(step)` is asked every `check_every` steps, in eval mode; the first True ends training there."""
     from spin.tasks import get_task
-    from spin.train import sft_train
+    from spin.trainer import sft_train
 
     tok, model = tok_model
     model = copy.deepcopy(model)  # the fixture's model is shared

@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from spin.config import config_to_yaml
 from spin.modeling import load_model, load_tokenizer
-from spin.train import train_iteration
+from spin.trainer import train_iteration
 
 
 def _free_port() -> int:

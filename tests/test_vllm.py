@@ -20,7 +20,7 @@ import torch
 
 from spin.config import GenerationConfig, ModelConfig, VllmConfig, load_config
 from spin.errors import SpinError
-from spin.generate import Generation, generate_responses
+from spin.generation import Generation, generate_responses
 from spin.modeling import checkpoint_of, forget_checkpoint, load_model, load_tokenizer
 from spin.vllm_engine import auto_choice, vllm_available
 
@@ -280,7 +280,7 @@ def test_auto_uses_vllm_only_on_a_gpu(lm: tuple[Any, Any], monkeypatch: Any, cap
 
 
 def test_loaded_models_know_their_folder_until_trained(tiny_dir: Path, prompts: list[list[dict]]) -> None:
-    from spin.train import sft_train
+    from spin.trainer import sft_train
 
     model = load_model(tiny_dir, ModelConfig(), device=torch.device("cpu"))
     assert checkpoint_of(model) == str(tiny_dir)

@@ -16,22 +16,16 @@ from typing import Any
 
 from spin.config import SpinConfig, load_config
 from spin.errors import SpinError
-from spin.evaluate import evaluate_model
-from spin.generate import generate_responses
+from spin.evaluation import evaluate_model
+from spin.generation import generate_responses
 from spin.io import check_output_file, claim_output_dir, write_json, write_jsonl
+from spin.logps import score_logps
 from spin.loop import load_examples
 from spin.loop import run as _run
 from spin.modeling import load_model, load_tokenizer
-from spin.pairs import (
-    add_reference_logps,
-    build_pairs,
-    chosen_text,
-    read_pairs_file,
-    rejected_text,
-    score_logps,
-)
+from spin.pairs import add_reference_logps, build_pairs, chosen_text, read_pairs_file, rejected_text
 from spin.runtime import apply_settings
-from spin.train import TrainResult, make_accelerator, train_iteration
+from spin.trainer import TrainResult, make_accelerator, train_iteration
 
 log = logging.getLogger("spin")
 

@@ -89,9 +89,9 @@ def build_sft_model(cfg: SpinConfig) -> dict[str, Any]:
     tokenizer = build_char_tokenizer()
     model = build_tiny_model(tokenizer, hidden_size=SFT_HIDDEN, num_layers=2, num_heads=4, seed=cfg.seed)
     train, _held_out, _ = load_examples(cfg, tokenizer)
-    from spin.generate import generate_responses
+    from spin.generation import generate_responses
     from spin.tasks import get_task
-    from spin.train import sft_train
+    from spin.trainer import sft_train
 
     check = train[:SFT_CHECK_PROMPTS]  # training prompts: the warm-up never looks at the held-out set
     # One batch of prompts: name the engine, so no probe timing and no log line at every check.

@@ -1,4 +1,4 @@
-"""Generation engines behind `spin.generate.generate_responses`, and the sampler they share.
+"""Generation engines behind `spin.generation.generate_responses`, and the sampler they share.
 
 Each engine maps (model, prompt token ids, sampler keys, Spec) to the generated token ids of every prompt,
 in order, calling `on_done(num_tokens)` as prompts finish:
@@ -9,7 +9,7 @@ in order, calling `on_done(num_tokens)` as prompts finish:
 - `continuous_engine`: transformers' continuous batching (`model.generate_batch`, paged attention).
 
 `Sampler` draws tokens by the Gumbel-max trick with noise hashed from (seed, prompt key, step, token id), so
-a sample does not depend on the batch it was drawn in. See `spin.generate` for how the engines are chosen.
+a sample does not depend on the batch it was drawn in. See `spin.generation` for how the engines are chosen.
 
 Departure from the paper: none in what is sampled (the paper samples one prompt at a time); this is only
 how fast. `python benchmarks/generation.py` compares the engines with the one-at-a-time loop;

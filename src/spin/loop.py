@@ -2,7 +2,7 @@
 
     for t in 1..T:
         opponent p_{t-1}  := the last checkpoint (frozen)
-        y'                ~ p_{t-1}(.|x) for every training prompt x              (generate.py)
+        y'                ~ p_{t-1}(.|x) for every training prompt x              (generation.py)
         pairs             := (x, y real, y' generated) + p_{t-1}'s log-probs        (pairs.py)
         main player p_t   := p_{t-1} trained on the SPIN loss, saved                 (train.py)
         metrics           := held-out distance of p_t to the data                   (evaluate.py)
@@ -32,7 +32,7 @@ from typing import Any
 from spin.config import SpinConfig, config_to_yaml, scheduled
 from spin.data import Example
 from spin.errors import SpinError
-from spin.evaluate import EvalState, evaluate_model, primary_metric
+from spin.evaluation import EvalState, evaluate_model, primary_metric
 from spin.io import (
     atomic_write_text,
     claim_output_dir,
@@ -55,7 +55,7 @@ from spin.modeling import (
 from spin.opponent import make_iteration_pairs
 from spin.pairs import identical_pairs_warning, pair_stats
 from spin.resume import BASE_MODEL, CHECKPOINT, RunLock, check_resume_config, tidy_run_folder, train_finished
-from spin.train import make_accelerator, train_iteration
+from spin.trainer import make_accelerator, train_iteration
 
 log = logging.getLogger("spin")
 

@@ -1,4 +1,4 @@
-"""The SPIN loss, sequence log-probabilities, and the α-SPIN reference, as pure tensor functions.
+"""The SPIN loss and the α-SPIN reference, as pure tensor functions of sequence log-probs (`spin.logps`).
 
 What it does
 ------------
@@ -16,7 +16,7 @@ It is DPO's loss with the real reply as "chosen", the generated one as "rejected
 reference model (tests/test_loss.py runs TRL's DPO loss to check exactly that).
 
 - `spin_loss`: per-example ℓ(z) plus the implicit rewards β·log p_θ/p_θt of both replies (detached).
-- `sequence_logps`: log p(y|x) = Σ_t log p(y_t | x, y_<t) over the response tokens, from causal-LM logits.
+- log p(y|x) = Σ_t log p(y_t | x, y_<t) over the response tokens comes from `spin.logps`.
 - `mix_reference_logps`: the α-SPIN reference log p_base^α · p_t^(1−α) (Alami et al. 2024, arXiv 2404.04291).
 
 How it departs from the paper
@@ -29,14 +29,15 @@ How it departs from the paper
   is specific to the logistic loss (for the exponential loss the exponent is 1/(2β), not 1/β: see
   tests/test_theory.py).
 - Losses come back per example, unreduced: the trainer decides how to average (and over how many devices).
-- `sequence_logps(length_normalize=True)` averages instead of sums the token log-probs. The paper does not
-  (log p(y|x) is a sum by the chain rule); it is off by default and only there to experiment with.
+- `spin.logps.forward_logps(length_normalize=True)` averages instead of sums the token log-probs. The paper
+  does not (log p(y|x) is a sum by the chain rule); it is off by default and only there to experiment with.
 - `mix_reference_logps` is not in the SPIN paper: it is the geometric-mixture reference of α-SPIN.
   α = 0 gives back vanilla SPIN, α = 1 a fixed (DPO-like) base reference.
 
 How to run
 ----------
-    from spin.loss import sequence_logps, spin_loss
+    from spin.logps import sequence_logps
+    from spin.loss import spin_loss
     # input_ids, attention_mask, loss_mask: (2B, T), the B real rows then the B generated rows
     logps = sequence_logps(model(input_ids, attention_mask=attention_mask).logits, input_ids, loss_mask)
     with torch.no_grad():
@@ -121,52 +122,6 @@ def spin_loss(
     real_rewards = beta * (policy_real_logps - opponent_real_logps).detach()  # (B,)
     generated_rewards = beta * (policy_generated_logps - opponent_generated_logps).detach()  # (B,)
     return SpinLossOutput(losses=losses, real_rewards=real_rewards, generated_rewards=generated_rewards)
-
-
-def _check_token_shapes(logits: Tensor, labels: Tensor, loss_mask: Tensor) -> None:
-    if logits.ndim != 3:
-        raise ValueError(f"logits must be (B, T, V), got shape {tuple(logits.shape)}")
-    if labels.shape != logits.shape[:2] or loss_mask.shape != logits.shape[:2]:
-        raise ValueError(
-            f"labels {tuple(labels.shape)} and loss_mask {tuple(loss_mask.shape)} must both be "
-            f"(B, T) = {tuple(logits.shape[:2])}, the first two dims of logits"
-        )
-
-
-def sequence_token_counts(loss_mask: Tensor) -> Tensor:
-    """(B,) int64: how many tokens `sequence_logps` scores per row, i.e. loss_mask[:, 1:].sum(-1).
-
-    Position 0 is never scored (nothing predicts it), so a mask that is 1 there does not count it.
-    """
-    if loss_mask.ndim != 2:
-        raise ValueError(f"loss_mask must be (B, T), got shape {tuple(loss_mask.shape)}")
-    return loss_mask[:, 1:].bool().sum(dim=1)  # (B,)
-
-
-def sequence_logps(
-    logits: Tensor, labels: Tensor, loss_mask: Tensor, length_normalize: bool = False
-) -> Tensor:
-    """(B,) fp32 log p(response | prompt) = Σ over response tokens of log p(token | everything before it).
-
-    logits: (B, T, V) from a causal LM run on input_ids (B, T); labels: (B, T), normally input_ids itself;
-    loss_mask: (B, T) bool/int, 1 on response tokens, 0 on prompt and padding (left or right).
-    logits[:, t] predicts labels[:, t + 1], so the scored positions are loss_mask[:, 1:].
-    With length_normalize, returns the mean over the scored tokens instead (0 for a row with none).
-
-    Memory: only the M scored positions go through the softmax, in fp32, via `F.cross_entropy` on an
-    (M, V) slice; no fp32 copy of the whole (B, T, V) logits and no separate log_softmax + gather.
-    (The boolean selection costs one host-device sync per call on GPU.)
-    """
-    _check_token_shapes(logits, labels, loss_mask)
-    mask = loss_mask[:, 1:].bool()  # (B, T-1): which next-token predictions are response tokens
-    targets = labels[:, 1:][mask]  # (M,) the response tokens, M = mask.sum()
-    picked = logits[:, :-1][mask].float()  # (M, V) their predicting logits, upcast to fp32
-    token_logps = -F.cross_entropy(picked, targets, reduction="none")  # (M,) log p(token | prefix)
-    per_token = token_logps.new_zeros(mask.shape).masked_scatter(mask, token_logps)  # (B, T-1), 0 off-mask
-    logps = per_token.sum(dim=1)  # (B,)
-    if length_normalize:
-        logps = logps / sequence_token_counts(loss_mask).clamp(min=1).to(logps.dtype)  # (B,)
-    return logps
 
 
 def mix_reference_logps(current_logps: Tensor, base_logps: Tensor, alpha: float) -> Tensor:

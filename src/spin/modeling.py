@@ -175,12 +175,23 @@ def _plain_model(model: Any, dtype: torch.dtype) -> Any:
     return plain
 
 
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,  # train.precision's names
+}
+
+
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`model.dtype` / `train.precision` as a dtype; `auto` is bf16 on a bf16-capable CUDA device, else fp32."""
     if name == "auto":
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    return DTYPES[name]
 
 
 def default_device() -> torch.device:
@@ -295,12 +306,15 @@ def _four_bit_kwargs(device: torch.device) -> dict[str, Any]:
     }
 
 
-def save_model(model: Any, tokenizer: PreTrainedTokenizerBase, path: Path) -> None:
-    """Save a standard HF checkpoint (safetensors) atomically, replacing only its own files in `path`."""
+def save_model(
+    model: Any, tokenizer: PreTrainedTokenizerBase, path: Path, state_dict: dict[str, Any] | None = None
+) -> None:
+    """Save a standard HF checkpoint (safetensors) atomically, replacing only its own files in `path`;
+    `state_dict` (gathered from ZeRO-3 / FSDP shards) replaces the model's own."""
     from spin.io import save_checkpoint
 
     def write(folder: Path) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
+        model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
         tokenizer.save_pretrained(folder)
 
     save_checkpoint(path, write)

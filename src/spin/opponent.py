@@ -59,11 +59,12 @@ import torch
 
 from spin.config import SpinConfig
 from spin.data import Example
-from spin.generate import generate_responses
+from spin.generation import generate_responses
 from spin.io import read_jsonl
+from spin.logps import score_logps
 from spin.loss import mix_reference_logps
 from spin.modeling import load_model
-from spin.pairs import build_pairs, chosen_text, rejected_text, score_logps
+from spin.pairs import build_pairs, chosen_text, rejected_text
 from spin.resume import base_model_dir
 
 T = TypeVar("T")

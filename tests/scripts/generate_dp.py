@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 
 from spin.config import GenerationConfig, ModelConfig
-from spin.generate import generate_responses
+from spin.generation import generate_responses
 from spin.modeling import load_model, load_tokenizer
 from spin.tasks import get_task
 

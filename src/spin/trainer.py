@@ -34,6 +34,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +42,10 @@ import torch
 
 from spin.config import LoraConfig, TrainConfig, scheduled
 from spin.errors import SpinError
-from spin.io import append_jsonl, apply_umask, fault_point, read_json, save_checkpoint, trim_log, write_json
+from spin.io import append_jsonl, apply_umask, fault_point, read_json, trim_log, write_json
+from spin.logps import collate, encode_all, forward_logps
 from spin.loss import reward_wins, spin_loss, tie_rtol
-from spin.modeling import Encoded, forget_checkpoint
-from spin.pairs import collate, encode_all, forward_logps
+from spin.modeling import Encoded, default_device, forget_checkpoint, resolve_dtype, save_model
 from spin.progress import Progress, track
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,36 @@ def _batch_order(n: int, batch_size: int, epochs: float, seed: int) -> list[list
     return batches[:total]
 
 
+def plan_batches(
+    n: int, cfg: TrainConfig, epochs: float, seed: int, world: int
+) -> tuple[int, list[list[int]]]:
+    """(optimizer steps, the shared micro-batch order): `steps * world * accum` micro-batches.
+
+    The prepared DataLoader deals them round-robin (process r gets micro-batches r, r + world, ...), so the
+    global batch is `batch_size * world * gradient_accumulation_steps` for any number of processes. Fewer
+    micro-batches than one global batch are repeated to fill it (one step)."""
+    order = _batch_order(n, cfg.batch_size, epochs, seed)
+    group = world * cfg.gradient_accumulation_steps
+    if len(order) < group:
+        return 1, (order * group)[:group]
+    steps = len(order) // group
+    return steps, order[: steps * group]
+
+
+@dataclass
+class _Run:
+    """What one iteration's training holds: the prepared objects and the constants of its steps."""
+
+    accelerator: Any
+    model: Any  # prepared (DDP / DeepSpeed / peft-wrapped)
+    optimizer: Any
+    scheduler: Any
+    loader: Any  # prepared DataLoader of collated (2B, T) batches, this process's micro-batches
+    steps: int
+    beta: float
+    rtol: float
+
+
 def train_iteration(
     model: Any,
     tokenizer: Any,
@@ -140,32 +171,65 @@ def train_iteration(
     """Train `model` in place on `pairs` for one SPIN iteration; log to `log_dir/train_log.jsonl`.
 
     With `save_dir`, the trained model and tokenizer are saved there as a Hugging Face checkpoint. With
-    LoRA, `model` ends up holding the merged weights (base + adapters), exactly what is saved.
+    LoRA, `model` ends up holding the merged weights (base + adapters), exactly what is saved. A given
+    `accelerator` must come from `make_accelerator(cfg)` (it owns the gradient accumulation).
     """
     if not pairs:
         raise SpinError(
             f"iteration {iteration} has no training pairs", hint="check the dataset and data.eval_size"
         )
     forget_checkpoint(model)  # its weights change in place: no longer those of the folder it came from
-    beta = float(scheduled(cfg.beta, iteration))
-    lr = float(scheduled(cfg.learning_rate, iteration))
-    epochs = float(scheduled(cfg.epochs, iteration))
-    if accelerator is None:
-        accelerator = make_accelerator(cfg)
-    world = accelerator.num_processes
-
+    accelerator = accelerator or make_accelerator(cfg)
+    if accelerator.gradient_accumulation_steps != cfg.gradient_accumulation_steps:
+        raise SpinError(
+            f"the Accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches, "
+            f"train.gradient_accumulation_steps is {cfg.gradient_accumulation_steps}",
+            hint="create it with spin.trainer.make_accelerator(cfg.train)",
+        )
     features = featurize(tokenizer, pairs, cfg.max_length)
-    # Each process takes every world-th micro-batch of one shared order, so the global batch is the same
-    # for any number of processes: global = batch_size * world * gradient_accumulation_steps.
-    order = _batch_order(len(features), cfg.batch_size, epochs, seed=run_seed * 1000 + iteration)
-    accum = cfg.gradient_accumulation_steps
-    group = world * accum
-    steps = max(1, len(order) // group) if len(order) >= group else 1
-    micro = order[: steps * group] if len(order) >= group else (order * group)[:group]
-    my_batches = micro[accelerator.process_index :: world]
+    use_cache = getattr(getattr(model, "config", None), "use_cache", None)
+    run = _setup(model, features, tokenizer.pad_token_id, cfg, iteration, run_seed, accelerator)
+    start_step = _resume(run, checkpoint_dir, iteration)
+    if accelerator.is_main_process:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        trim_log(log_dir / "train_log.jsonl", start_step)  # rows past the checkpoint are logged again below
+    t0 = time.perf_counter()
+    last = _train_steps(run, cfg, iteration, start_step, log_dir, checkpoint_dir, writer, on_step)
+    seconds = time.perf_counter() - t0
+    world_pairs = cfg.batch_size * accelerator.num_processes * cfg.gradient_accumulation_steps
+    trainable = sum(p.numel() for g in run.optimizer.param_groups for p in g["params"])
+    _finish(run, model, tokenizer, cfg, use_cache, save_dir)
+    if checkpoint_dir is not None and accelerator.is_main_process:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    return TrainResult(
+        steps=run.steps,
+        seconds=seconds,
+        pairs_per_second=(run.steps - start_step) * world_pairs / max(seconds, 1e-9),
+        final_metrics=last,
+        trainable_parameters=trainable,
+    )
 
-    base = model  # the caller's object: peft injects adapters into it, merge_and_unload restores it
-    use_cache = getattr(getattr(base, "config", None), "use_cache", None)
+
+def _setup(
+    model: Any,
+    features: list[PairFeatures],
+    pad_id: int,
+    cfg: TrainConfig,
+    iteration: int,
+    run_seed: int,
+    accelerator: Any,
+) -> _Run:
+    """Checkpointing, LoRA, optimizer, schedule and the DataLoader, all prepared by `accelerator`."""
+    from torch.utils.data import DataLoader
+
+    steps, micro = plan_batches(
+        len(features),
+        cfg,
+        float(scheduled(cfg.epochs, iteration)),
+        run_seed * 1000 + iteration,
+        accelerator.num_processes,
+    )
+    rtol = tie_rtol(next(model.parameters()).dtype, str(accelerator.mixed_precision))
     if cfg.gradient_checkpointing and set_activation_checkpointing(model, True):
         model.config.use_cache = False
     if cfg.lora.enabled:
@@ -177,130 +241,156 @@ def train_iteration(
             )
         model = wrap_lora(model, cfg.lora, cfg.gradient_checkpointing)
     model.train()
-    optimizer = make_optimizer(model, cfg, lr)
-    trainable = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    optimizer = make_optimizer(model, cfg, float(scheduled(cfg.learning_rate, iteration)))
     scheduler = make_scheduler(optimizer, cfg.lr_scheduler, int(cfg.warmup_ratio * steps), steps)
-    # accelerate's own accumulation: `backward` divides the loss by `accum` (DeepSpeed: its engine does),
-    # DDP skips the all-reduce on all but the last micro-batch, the optimizer steps only on that one.
-    accelerator.gradient_accumulation_steps = accum
-    accelerator.step = 0
-    _configure_deepspeed(accelerator, cfg)
-    model, optimizer = accelerator.prepare(model, optimizer)
-
-    start_step = 0
-    if checkpoint_dir is not None and (checkpoint_dir / "trainer_state.json").exists():
-        accelerator.load_state(str(checkpoint_dir))
-        state = read_json(checkpoint_dir / "trainer_state.json")
-        start_step = int(state["step"])
-        scheduler.load_state_dict(state["scheduler"])
-        log.info("iteration %d: resuming training at step %d of %d", iteration, start_step, steps)
-
-    log_path = log_dir / "train_log.jsonl"
-    if accelerator.is_main_process:
-        log_dir.mkdir(parents=True, exist_ok=True)
-    if accelerator.is_main_process:
-        trim_log(log_path, start_step)  # rows past the checkpoint are logged again below, not repeated
-    pad_id = tokenizer.pad_token_id
-    rtol = tie_rtol(next(base.parameters()).dtype, str(accelerator.mixed_precision))
-    t0 = time.perf_counter()
-    bar = Progress(
-        steps, f"train {iteration}", unit="step", initial=start_step, enabled=accelerator.is_main_process
+    # `micro` as the batch sampler: variable-size micro-batches (an epoch's last one may be short), dealt
+    # round-robin to the processes by accelerate. The loader's own generator keeps torch's global RNG as is.
+    loader: DataLoader[dict[str, torch.Tensor]] = DataLoader(
+        features,  # type: ignore[arg-type]  # a list is a map-style dataset
+        batch_sampler=micro,
+        collate_fn=partial(collate_pairs, pad_id=pad_id),
+        generator=torch.Generator(),
     )
-    last: dict[str, float] = {}
-    for step in range(start_step, steps):
-        # Per-process sums of the micro-batch means / accum: loss, rewards/real, rewards/generated, accuracy.
-        sums = torch.zeros(4, dtype=torch.float64)
-        for k in range(accum):
-            idx = my_batches[step * accum + k]
-            batch = collate_pairs([features[i] for i in idx], pad_id)
-            n = len(idx)
-            with accelerator.accumulate(model):
-                logps = forward_logps(model, batch, cfg.length_normalize)  # (2B,) real then generated
-                out = spin_loss(
-                    policy_real_logps=logps[:n],
-                    policy_generated_logps=logps[n:],
-                    opponent_real_logps=batch["ref_chosen_logps"].to(logps.device),
-                    opponent_generated_logps=batch["ref_rejected_logps"].to(logps.device),
-                    beta=beta,
-                    loss_type=cfg.loss_type,
-                )
-                loss = out.losses.mean()
-                if not torch.isfinite(loss):
-                    raise SpinError(
-                        f"the loss became {loss.item()} at iteration {iteration}, step {step + 1}; "
-                        f"the last good checkpoint is kept in {checkpoint_dir or log_dir}",
-                        hint="lower train.learning_rate or use train.precision=fp32, then rerun with --force",
-                    )
-                accelerator.backward(loss)  # scaled by 1/accum inside
-                # Ties (identical pairs, and every pair at step 1) count 1/2, as in the held-out discriminability;
-                # rewards equal up to float rounding of the two forward passes are ties (spin.loss.TIE_RTOL).
-                refs = batch["ref_chosen_logps"].abs() + batch["ref_rejected_logps"].abs()
-                scale = beta * refs.to(logps.device)
-                accuracy = reward_wins(out.real_rewards, out.generated_rewards, scale, rtol).mean()
-                row = torch.stack(
-                    [loss.detach(), out.real_rewards.mean(), out.generated_rewards.mean(), accuracy]
-                )
-                sums += row.double().cpu() / accum
-        # The last micro-batch's `accumulate` left sync_gradients on: gradients are complete and synced.
-        if cfg.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    _configure_deepspeed(accelerator, cfg)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    beta = float(scheduled(cfg.beta, iteration))
+    return _Run(accelerator, model, optimizer, scheduler, loader, steps, beta, rtol)
+
+
+def _resume(run: _Run, checkpoint_dir: Path | None, iteration: int) -> int:
+    """Load the trainer checkpoint if there is one; returns the optimizer step to continue from."""
+    if checkpoint_dir is None or not (checkpoint_dir / "trainer_state.json").exists():
+        return 0
+    run.accelerator.load_state(str(checkpoint_dir))
+    state = read_json(checkpoint_dir / "trainer_state.json")
+    run.scheduler.load_state_dict(state["scheduler"])
+    start_step = int(state["step"])
+    log.info("iteration %d: resuming training at step %d of %d", iteration, start_step, run.steps)
+    return start_step
+
+
+def _train_steps(
+    run: _Run,
+    cfg: TrainConfig,
+    iteration: int,
+    start_step: int,
+    log_dir: Path,
+    checkpoint_dir: Path | None,
+    writer: Any,
+    on_step: Callable[[int], None] | None,
+) -> dict[str, float]:
+    """The optimizer steps from `start_step`; returns the last step's metrics (mean over processes)."""
+    acc, accum = run.accelerator, cfg.gradient_accumulation_steps
+    loader = acc.skip_first_batches(run.loader, start_step * accum) if start_step else run.loader
+    bar = Progress(
+        run.steps, f"train {iteration}", unit="step", initial=start_step, enabled=acc.is_main_process
+    )
+    # Per-process sums of the micro-batch means / accum: loss, rewards/real, rewards/generated, accuracy.
+    sums, last, step = torch.zeros(4, dtype=torch.float64), {}, start_step
+    for batch in loader:
+        with acc.accumulate(run.model):  # sync (DDP all-reduce, optimizer step) on every accum-th batch only
+            sums += train_micro_step(run, batch, cfg, iteration, step, checkpoint_dir or log_dir) / accum
+            if acc.sync_gradients and cfg.max_grad_norm > 0:
+                acc.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
+            run.optimizer.step()  # accelerate's prepared optimizer steps only when gradients are synced
+            if acc.sync_gradients:
+                run.scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+        if not acc.sync_gradients:
+            continue
+        step += 1
         bar.update(1)
-
-        reduced = accelerator.reduce(sums.to(accelerator.device), "mean")  # mean over processes
-        metrics = dict(zip(METRIC_NAMES, reduced.tolist()))
-        metrics["rewards/margin"] = metrics["rewards/real"] - metrics["rewards/generated"]
-        last = metrics
-        if accelerator.is_main_process and ((step + 1) % cfg.logging_steps == 0 or step + 1 == steps):
-            log_row: dict[str, float] = {
-                "step": step + 1,
-                "epoch": (step + 1) * group / max(1, math.ceil(len(features) / cfg.batch_size)),
-                "lr": float(scheduler.get_last_lr()[0]),
-                "beta": beta,
-                **metrics,
-            }
-            append_jsonl(log_path, log_row)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margin']:.3f}")
-            if writer is not None:
-                for name, value in log_row.items():
-                    if name != "step":  # one namespace per iteration: iteration_t/loss, ...
-                        writer.add_scalar(f"iteration_{iteration}/{name}", value, step + 1)
+        last = _log_step(
+            run, acc.reduce(sums.to(acc.device), "mean"), cfg, iteration, step, log_dir, writer, bar
+        )
+        sums = torch.zeros(4, dtype=torch.float64)
         fault_point("train_step")  # test hook (spin.io): a kill after a logged step, before its checkpoint
-        if (
-            checkpoint_dir is not None
-            and cfg.save_steps
-            and (step + 1) % cfg.save_steps == 0
-            and step + 1 < steps
-        ):
-            _save_trainer_state(accelerator, checkpoint_dir, step + 1, scheduler)
+        if checkpoint_dir is not None and cfg.save_steps and step % cfg.save_steps == 0 and step < run.steps:
+            _save_trainer_state(acc, checkpoint_dir, step, run.scheduler)
         if on_step is not None:
-            on_step(step + 1)
+            on_step(step)
     bar.close()
-    seconds = time.perf_counter() - t0
-    done = steps - start_step
-    pairs_per_second = done * cfg.batch_size * group / max(seconds, 1e-9)
+    return last
 
-    trained = accelerator.unwrap_model(model)
+
+def train_micro_step(
+    run: _Run, batch: dict[str, torch.Tensor], cfg: TrainConfig, iteration: int, step: int, kept: Path
+) -> torch.Tensor:
+    """Loss and backward on one (2B, T) micro-batch (real rows, then generated); returns its 4 metrics."""
+    n = batch["ref_chosen_logps"].shape[0]
+    logps = forward_logps(run.model, batch, cfg.length_normalize)  # (2B,) log p_θ(y|x) then log p_θ(y'|x)
+    out = spin_loss(  # Eq. (4.7), per pair
+        policy_real_logps=logps[:n],
+        policy_generated_logps=logps[n:],
+        opponent_real_logps=batch["ref_chosen_logps"].to(logps.device),
+        opponent_generated_logps=batch["ref_rejected_logps"].to(logps.device),
+        beta=run.beta,
+        loss_type=cfg.loss_type,
+    )
+    loss = out.losses.mean()
+    if not torch.isfinite(loss):
+        raise SpinError(
+            f"the loss became {loss.item()} at iteration {iteration}, step {step + 1}; "
+            f"the last good checkpoint is kept in {kept}",
+            hint="lower train.learning_rate or use train.precision=fp32, then rerun with --force",
+        )
+    run.accelerator.backward(loss)  # scaled by 1/accum inside
+    # Ties (identical pairs, and every pair at step 1) count 1/2, as in the held-out discriminability;
+    # rewards equal up to float rounding of the two forward passes are ties (spin.loss.TIE_RTOL).
+    refs = batch["ref_chosen_logps"].abs() + batch["ref_rejected_logps"].abs()
+    accuracy = reward_wins(
+        out.real_rewards, out.generated_rewards, run.beta * refs.to(logps.device), run.rtol
+    )
+    row = torch.stack([loss.detach(), out.real_rewards.mean(), out.generated_rewards.mean(), accuracy.mean()])
+    return row.double().cpu()
+
+
+def _log_step(
+    run: _Run,
+    reduced: torch.Tensor,
+    cfg: TrainConfig,
+    iteration: int,
+    step: int,
+    log_dir: Path,
+    writer: Any,
+    bar: Progress,
+) -> dict[str, float]:
+    """The step's metrics; every `logging_steps` (and at the end) a train_log.jsonl row and scalars."""
+    metrics = dict(zip(METRIC_NAMES, reduced.tolist()))
+    metrics["rewards/margin"] = metrics["rewards/real"] - metrics["rewards/generated"]
+    if run.accelerator.is_main_process and (step % cfg.logging_steps == 0 or step == run.steps):
+        batches_per_epoch = max(1, math.ceil(len(run.loader.dataset) / cfg.batch_size))
+        group = run.accelerator.num_processes * cfg.gradient_accumulation_steps
+        log_row: dict[str, float] = {
+            "step": step,
+            "epoch": step * group / batches_per_epoch,
+            "lr": float(run.scheduler.get_last_lr()[0]),
+            "beta": run.beta,
+            **metrics,
+        }
+        append_jsonl(log_dir / "train_log.jsonl", log_row)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}", margin=f"{metrics['rewards/margin']:.3f}")
+        if writer is not None:
+            for name, value in log_row.items():
+                if name != "step":  # one namespace per iteration: iteration_t/loss, ...
+                    writer.add_scalar(f"iteration_{iteration}/{name}", value, step)
+    return metrics
+
+
+def _finish(
+    run: _Run, base: Any, tokenizer: Any, cfg: TrainConfig, use_cache: Any, save_dir: Path | None
+) -> None:
+    """Merge LoRA, undo checkpointing, eval mode; save the checkpoint to `save_dir` if given."""
+    trained = run.accelerator.unwrap_model(run.model)
     if cfg.lora.enabled:
         trained = merge_lora(trained)  # the caller's `base` object, adapters folded into its weights
     if cfg.gradient_checkpointing and set_activation_checkpointing(base, False):
         base.config.use_cache = use_cache  # not saved as False: generation wants the KV cache
     trained.eval()
     if save_dir is not None:
-        # With LoRA the merged model is a plain (unprepared) module; without, `model` is what was prepared,
-        # so a ZeRO-3 / FSDP state dict is gathered from the shards.
-        save_trained(accelerator, trained if cfg.lora.enabled else model, tokenizer, save_dir)
-    if checkpoint_dir is not None and accelerator.is_main_process:
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-    return TrainResult(
-        steps=steps,
-        seconds=seconds,
-        pairs_per_second=pairs_per_second,
-        final_metrics=last,
-        trainable_parameters=trainable,
-    )
+        # With LoRA the merged model is a plain (unprepared) module; without, the prepared one, so a
+        # ZeRO-3 / FSDP state dict is gathered from the shards.
+        save_trained(run.accelerator, trained if cfg.lora.enabled else run.model, tokenizer, save_dir)
 
 
 def set_activation_checkpointing(model: Any, on: bool) -> bool:
@@ -379,28 +469,32 @@ def _shards_parameters(accelerator: Any) -> bool:
 
 
 def _configure_deepspeed(accelerator: Any, cfg: TrainConfig) -> None:
-    """Fill the DeepSpeed config fields accelerate takes from a prepared dataloader (we prepare none)."""
+    """The DeepSpeed fields accelerate cannot infer from our DataLoader, set the way its error message
+    documents (`deepspeed_config['train_micro_batch_size_per_gpu']`): the batch sampler's micro-batches vary
+    in size, so the loader has no `batch_size`. accelerate fills `gradient_accumulation_steps` and
+    `train_batch_size` from the Accelerator; DeepSpeed clips inside its step, so it gets `max_grad_norm`."""
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
         return
     ds = plugin.deepspeed_config
     ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
-    ds["gradient_accumulation_steps"] = cfg.gradient_accumulation_steps
-    ds["train_batch_size"] = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
-    ds["gradient_clipping"] = cfg.max_grad_norm  # DeepSpeed clips inside its step, not clip_grad_norm_
+    ds["gradient_clipping"] = cfg.max_grad_norm
     # ZeRO refuses RMSprop / SGD client optimizers without this flag.
     ds.setdefault("zero_allow_untested_optimizer", True)
 
 
+PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
 def resolve_precision(precision: str) -> str:
-    """`precision: auto` -> bf16 on a bf16-capable CUDA GPU, fp32 otherwise (CPU autocast to bf16 is slow)."""
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
-    return precision
+    """`precision: auto` -> bf16 on a bf16-capable CUDA GPU, fp32 otherwise (CPU autocast to bf16 is slow);
+    the same rule as `model.dtype: auto` (`spin.modeling.resolve_dtype`)."""
+    return PRECISIONS[resolve_dtype(precision, default_device())]
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
-    """An `Accelerator` for this process, mixed precision from `resolve_precision(cfg.precision)`.
+    """An `Accelerator` for this process: mixed precision from `resolve_precision(cfg.precision)`, and
+    accelerate's gradient accumulation over `cfg.gradient_accumulation_steps` micro-batches.
 
     Under `accelerate launch` the launcher's config (DDP / DeepSpeed / FSDP, number of processes) applies,
     except its `mixed_precision`: `train.precision` decides, so a run means the same thing however launched.
@@ -408,21 +502,18 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     from accelerate import Accelerator
 
     precision = resolve_precision(cfg.precision)
-    return Accelerator(mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision])
+    return Accelerator(
+        mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+    )
 
 
 def save_trained(accelerator: Any, model: Any, tokenizer: Any, path: Path) -> None:
     """Save the (possibly wrapped / sharded) model as a standard safetensors checkpoint, atomically
-    (`spin.io.save_checkpoint`: only the checkpoint's own files in `path` are replaced)."""
+    (`spin.modeling.save_model`: only the checkpoint's own files in `path` are replaced)."""
     state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 / FSDP shards; collective on all ranks
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-
-        def write(folder: Path) -> None:
-            unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(folder)
-
-        save_checkpoint(path, write)
+        save_model(accelerator.unwrap_model(model), tokenizer, path, state_dict=state_dict)
     accelerator.wait_for_everyone()
 
 

@@ -33,11 +33,11 @@ import torch
 from spin.answers import compile_answer_pattern, extract_answer
 from spin.config import SpinConfig, scheduled
 from spin.data import Example, Message
-from spin.generate import generate_responses
+from spin.generation import generate_responses
 from spin.io import write_jsonl
+from spin.logps import score_logps
 from spin.loss import TIE_RTOL, reward_wins, tie_rtol
 from spin.modeling import render_prompt
-from spin.pairs import score_logps
 
 
 @dataclass
