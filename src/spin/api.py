@@ -10,6 +10,7 @@ metrics = spin.evaluate("iteration_1_model", "test.jsonl")             # metrics
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,13 @@ from typing import Any
 from spin.config import SpinConfig, load_config
 from spin.errors import SpinError
 from spin.evaluation import evaluate_model
-from spin.generation import generate_responses
 from spin.io import check_output_file, claim_output_dir, write_json, write_jsonl
-from spin.logps import score_logps
+from spin.lm_eval_hook import run_lm_eval
 from spin.loop import load_examples
 from spin.loop import run as _run
 from spin.modeling import load_model, load_tokenizer
-from spin.pairs import add_reference_logps, build_pairs, chosen_text, read_pairs_file, rejected_text
+from spin.opponent import make_iteration_pairs
+from spin.pairs import read_pairs_file
 from spin.runtime import apply_settings
 from spin.trainer import TrainResult, make_accelerator, train_iteration
 
@@ -69,26 +70,13 @@ def generate(
     check_output_file(Path(output), "--output pairs file")  # before any work: a bad path loses nothing
     tokenizer = load_tokenizer(str(model), cfg.model)
     examples, _, _ = load_examples(cfg, tokenizer)
-    opponent = load_model(str(model), cfg.model)
-    gens = generate_responses(
-        opponent,
-        tokenizer,
-        [e.prompt for e in examples],
-        cfg.generation,
-        seed=cfg.seed * 1000 + iteration,
-        desc="generate",
-    )
-    pairs = build_pairs(examples, gens, iteration)
-    prompts = [p["prompt"] for p in pairs]
-    t = cfg.train
-
-    def score(replies: list[str], desc: str) -> list[float]:
-        return score_logps(
-            opponent, tokenizer, prompts, replies, t.max_length, cfg.eval.batch_size, t.length_normalize, desc
+    accelerator = make_accelerator(cfg.train)
+    opponent = load_model(str(model), cfg.model, device=accelerator.device)
+    # The loop's own pairs stage code; its generation shards live in a scratch run folder.
+    with tempfile.TemporaryDirectory(prefix="spin-generate-") as scratch:
+        pairs = make_iteration_pairs(
+            opponent, tokenizer, examples, cfg, iteration, Path(scratch), accelerator, label=""
         )
-
-    chosen = score([chosen_text(p) for p in pairs], "score real")
-    add_reference_logps(pairs, chosen, score([rejected_text(p) for p in pairs], "score generated"))
     write_jsonl(Path(output), pairs)
     return pairs
 
@@ -107,7 +95,8 @@ def train(
     `output` may be new, empty, or an earlier spin output; another non-empty folder is refused unless
     `force`. Only spin's own files there are replaced (the checkpoint and train_log.jsonl).
     """
-    cfg = _config(model, None, overrides, seed, task="addition")  # task only satisfies validation
+    # The pairs file is this call's data: nothing else is read (data.* and the task do not apply).
+    cfg = _config(model, str(pairs), overrides, seed)
     apply_settings(cfg)
     _check_iteration(iteration)
     rows = read_pairs_file(Path(pairs))
@@ -158,8 +147,6 @@ def evaluate(
     answers = out / "answers.jsonl" if out is not None else None
     metrics, _, samples = evaluate_model(loaded, tokenizer, examples, cfg, 0, None, answers_path=answers)
     if cfg.eval.lm_eval_tasks:
-        from spin.lm_eval_hook import run_lm_eval
-
         e = cfg.eval
         args = (e.lm_eval_tasks, e.lm_eval_include_path, e.lm_eval_limit, e.batch_size)
         metrics.update(run_lm_eval(model, *args, model=loaded, tokenizer=tokenizer))

@@ -28,7 +28,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from spin import api
+from spin.config import format_config_reference, load_config
+from spin.demo import run_demo, run_real_demo
 from spin.errors import SpinError
+from spin.io import os_error_message
+from spin.memory import limit_heap_growth
 
 log = logging.getLogger("spin")
 
@@ -53,14 +58,11 @@ def _setup_logging(debug: bool) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from spin.api import run
-    from spin.config import load_config
 
-    run(load_config(args.config, args.overrides), force=args.force)
+    api.run(load_config(args.config, args.overrides), force=args.force)
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    from spin.demo import run_demo, run_real_demo
 
     if args.model == "smollm2":
         run_real_demo(args.output_dir or "runs/demo-smollm2", args.seed, args.overrides)
@@ -83,16 +85,14 @@ def _add_gguf(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from spin.api import generate
 
-    pairs = generate(args.model, args.dataset, args.output, overrides=_overrides(args), seed=args.seed)
+    pairs = api.generate(args.model, args.dataset, args.output, overrides=_overrides(args), seed=args.seed)
     print(f"wrote {len(pairs)} pairs to {args.output}")
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from spin.api import train
 
-    result = train(
+    result = api.train(
         args.model,
         args.pairs,
         args.output,
@@ -107,9 +107,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from spin.api import evaluate
 
-    metrics = evaluate(
+    metrics = api.evaluate(
         args.model, args.dataset, overrides=_overrides(args), seed=args.seed, output=args.output
     )
     print(json.dumps(metrics, indent=2))
@@ -122,7 +121,6 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_config(args: argparse.Namespace) -> None:
-    from spin.config import format_config_reference
 
     print(format_config_reference(args.match))
 
@@ -273,8 +271,6 @@ def _add_eval_commands(add: Callable[..., argparse.ArgumentParser], over: dict[s
 def _user_error(e: BaseException) -> str | None:
     """The one-line message for an error the user can fix, or None for a bug (which keeps its traceback)."""
     if isinstance(e, OSError) and not isinstance(e, SpinError):
-        from spin.io import os_error_message
-
         e = os_error_message(None, e, verb="use")
     elif isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError
         first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
@@ -290,7 +286,6 @@ def _user_error(e: BaseException) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.debug)
-    from spin.memory import limit_heap_growth
 
     limit_heap_growth()  # RSS follows live tensors instead of the heap's high-water mark (spin.memory)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")

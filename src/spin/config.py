@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from spin.answers import compile_answer_pattern
 from spin.errors import SpinError
 
 
@@ -136,7 +137,6 @@ class DataConfig:
         _check(self.eval_size >= 0, "data.eval_size", "must be >= 0")
         _check(self.max_prompt_tokens > 0, "data.max_prompt_tokens", "must be > 0")
         _check(isinstance(self.columns, dict), "data.columns", "must be a mapping")
-        from spin.answers import compile_answer_pattern
 
         compile_answer_pattern(self.answer_pattern)  # a bad regex fails here, naming the field
 
@@ -490,7 +490,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
-        raise SpinError(f"config section '{prefix.rstrip('.') or 'root'}': {e}") from None
+        raise SpinError(f"config section '{prefix.rstrip('.') or 'root'}': {e}") from e
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -522,7 +522,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise SpinError(f"config file {p} is not valid YAML: {first}") from None
+        raise SpinError(f"config file {p} is not valid YAML: {first}") from e
     if data is None:
         return {}
     if not isinstance(data, dict):

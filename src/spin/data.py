@@ -207,7 +207,7 @@ def _decode(data: bytes, path: Path, lineno: int = 0, offset: int = 0) -> str:
     except UnicodeDecodeError as e:
         line = lineno or data.count(b"\n", 0, e.start) + 1
         msg = f"not valid UTF-8 (bad byte at offset {offset + e.start} of the file); re-save it as UTF-8"
-        raise SpinError(f"{path}:{line}: {msg}") from None
+        raise SpinError(f"{path}:{line}: {msg}") from e
 
 
 def _parse_json(text: str, path: Path, lineno: int = 0) -> Any:
@@ -216,9 +216,9 @@ def _parse_json(text: str, path: Path, lineno: int = 0) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         msg = f"not valid JSON ({e.msg} at column {e.colno}); {what}"
-        raise SpinError(f"{path}:{lineno or e.lineno}: {msg}") from None
+        raise SpinError(f"{path}:{lineno or e.lineno}: {msg}") from e
     except (ValueError, RecursionError) as e:  # e.g. an integer too long to convert, absurd nesting
-        raise SpinError(f"{path}:{lineno or 1}: not valid JSON ({_short(e)}); {what}") from None
+        raise SpinError(f"{path}:{lineno or 1}: not valid JSON ({_short(e)}); {what}") from e
 
 
 def jsonl_rows(path: Path) -> Iterator[Row]:
@@ -249,7 +249,7 @@ def _csv_rows(path: Path) -> Iterator[Row]:
         for row in reader:
             yield f"{path}:{reader.line_num}", reader.line_num, row
     except csv.Error as e:
-        raise SpinError(f"{path}:{reader.line_num}: not valid CSV ({e}); fix the file") from None
+        raise SpinError(f"{path}:{reader.line_num}: not valid CSV ({e}); fix the file") from e
 
 
 def _parquet_rows(path: Path) -> Iterator[Row]:
@@ -263,7 +263,7 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
                 number += 1
                 yield f"{path} row {number}", number, row
     except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise SpinError(f"{path}: not a readable parquet file ({_short(e)}); re-export it") from None
+        raise SpinError(f"{path}: not a readable parquet file ({_short(e)}); re-export it") from e
 
 
 def _load_folder(path: Path, split: str) -> Any:
@@ -274,7 +274,7 @@ def _load_folder(path: Path, split: str) -> Any:
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # any failure of a third-party loader is a data problem for the user
-        raise SpinError(f"{path}: not a readable `datasets` folder ({_short(e)}); re-save it") from None
+        raise SpinError(f"{path}: not a readable `datasets` folder ({_short(e)}); re-save it") from e
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise SpinError(f"{path}: no split '{split}' here; splits: {', '.join(ds)}; set data.split")
@@ -291,7 +291,7 @@ def _load_hub(cfg: DataConfig) -> Any:
         raise SpinError(
             f"could not load dataset '{cfg.path}' (not a local file/folder; as a Hub id: {_short(e)})",
             hint="check data.path, data.split and data.revision, and the network",
-        ) from None
+        ) from e
 
 
 def _dataset_rows(ds: Any, label: str) -> Iterator[Row]:

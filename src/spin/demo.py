@@ -32,8 +32,13 @@ from pathlib import Path
 from typing import Any
 
 from spin.config import SpinConfig, load_config
-from spin.io import write_json
-from spin.modeling import build_char_tokenizer, build_tiny_model, save_model
+from spin.generation import generate_responses
+from spin.io import claim_output_dir, write_json
+from spin.loop import load_examples, run
+from spin.modeling import SMOLLM2, SMOLLM2_GGUF, build_char_tokenizer, build_tiny_model, save_model
+from spin.runtime import apply_settings
+from spin.tasks import get_task
+from spin.trainer import sft_train
 
 log = logging.getLogger("spin")
 
@@ -80,7 +85,6 @@ def demo_config(output_dir: str, seed: int, overrides: list[str] | None = None) 
 
 def build_sft_model(cfg: SpinConfig) -> dict[str, Any]:
     """Train the demo's starting SFT model on the task's training split; save it to cfg.model.name_or_path."""
-    from spin.loop import load_examples
 
     out = Path(str(cfg.model.name_or_path))
     if (out / "config.json").exists():
@@ -89,9 +93,6 @@ def build_sft_model(cfg: SpinConfig) -> dict[str, Any]:
     tokenizer = build_char_tokenizer()
     model = build_tiny_model(tokenizer, hidden_size=SFT_HIDDEN, num_layers=2, num_heads=4, seed=cfg.seed)
     train, _held_out, _ = load_examples(cfg, tokenizer)
-    from spin.generation import generate_responses
-    from spin.tasks import get_task
-    from spin.trainer import sft_train
 
     check = train[:SFT_CHECK_PROMPTS]  # training prompts: the warm-up never looks at the held-out set
     # One batch of prompts: name the engine, so no probe timing and no log line at every check.
@@ -136,9 +137,6 @@ def build_sft_model(cfg: SpinConfig) -> dict[str, Any]:
 def run_demo(
     output_dir: str = "runs/demo", seed: int = 0, overrides: list[str] | None = None
 ) -> dict[str, Any]:
-    from spin.io import claim_output_dir
-    from spin.loop import run
-    from spin.runtime import apply_settings
 
     cfg = demo_config(output_dir, seed, overrides)
     apply_settings(cfg)  # torch threads (cfg.threads), progress lines
@@ -200,7 +198,6 @@ def real_demo_config(output_dir: str, seed: int, overrides: list[str] | None = N
     (the paper's 5x drop after iteration 1), instead of RMSProp at 5e-7 (with 8 optimizer steps per iteration,
     5e-7 does not move a 135M model measurably); replies capped at 64 new tokens.
     """
-    from spin.modeling import SMOLLM2, SMOLLM2_GGUF
 
     return load_config(
         None,
@@ -234,7 +231,6 @@ def run_real_demo(
     output_dir: str = "runs/demo-smollm2", seed: int = 0, overrides: list[str] | None = None
 ) -> dict[str, Any]:
     """`spin demo --model smollm2`: 3 SPIN iterations of SmolLM2-135M-Instruct on word problems."""
-    from spin.loop import run
 
     cfg = real_demo_config(output_dir, seed, overrides)
     t0 = time.perf_counter()

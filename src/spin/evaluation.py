@@ -38,6 +38,7 @@ from spin.io import write_jsonl
 from spin.logps import score_logps
 from spin.loss import TIE_RTOL, reward_wins, tie_rtol
 from spin.modeling import render_prompt
+from spin.tasks import TASK_NAMES, get_task, gsm8k_metrics
 
 
 @dataclass
@@ -186,7 +187,6 @@ def _task_metrics(
     GSM8K-style tasks (`word_problems`, `gsm8k`) are scored on the greedy `answers` and, prefixed `sample_`,
     their format and calculator metrics also on the temperature-1 `samples`: how close the model's own
     samples are to the data is what SPIN changes."""
-    from spin.tasks import TASK_NAMES, get_task, gsm8k_metrics
 
     task = get_task(cfg.task) if cfg.task in TASK_NAMES else None
     gsm8k_like = task is not None and task.score is gsm8k_metrics
@@ -229,7 +229,6 @@ def answer_rows(
 
 def primary_metric(cfg: SpinConfig, examples: list[Example]) -> str:
     """The metric the stopping rule and the report lead with (higher is better)."""
-    from spin.tasks import TASK_NAMES, get_task
 
     if cfg.task in TASK_NAMES:
         return get_task(cfg.task).primary_metric

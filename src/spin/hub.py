@@ -41,5 +41,5 @@ def push_iteration(run_dir: Path, iteration: int, repo_prefix: str, api: Any = N
         raise SpinError(
             f"push_to_hub failed for iteration {iteration}: {type(e).__name__}: {e}",
             hint="check `huggingface-cli login` and the repo name; rerun resumes",
-        ) from None
+        ) from e
     return [model_repo, pairs_repo]

@@ -101,7 +101,7 @@ def atomic_write_text(path: Path, text: str) -> None:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        raise os_error_message(path, e) from None
+        raise os_error_message(path, e) from e
     _fsync_dir(path.parent)
 
 
@@ -130,7 +130,7 @@ def append_jsonl(path: Path, row: dict[str, Any]) -> None:
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row, default=_jsonable) + "\n")
     except OSError as e:
-        raise os_error_message(Path(path), e) from None
+        raise os_error_message(Path(path), e) from e
 
 
 def read_jsonl_tolerant(path: Path) -> list[dict[str, Any]]:
@@ -182,7 +182,7 @@ def check_writable(path: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise os_error_message(path, e) from None
+        raise os_error_message(path, e) from e
 
 
 SPIN_MARKER = ".spin"  # in every output folder spin claims (`claim_output_dir`)

@@ -39,11 +39,11 @@ def _import_lm_eval() -> Any:
     try:
         import lm_eval
         from lm_eval.tasks import TaskManager
-    except ImportError:
+    except ImportError as e:
         raise SpinError(
             "eval.lm_eval_tasks is set but lm-evaluation-harness is not installed",
             hint="pip install 'spin[lmeval]' (or: pip install lm-eval), or leave eval.lm_eval_tasks empty",
-        ) from None
+        ) from e
     return lm_eval, TaskManager
 
 

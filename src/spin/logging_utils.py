@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from spin.errors import SpinError
+
 log = logging.getLogger("spin")
 
 
@@ -35,13 +37,11 @@ class IterationLogger:
         if "wandb" in self.report_to:
             try:
                 import wandb
-            except ImportError:
-                from spin.errors import SpinError
-
+            except ImportError as e:
                 raise SpinError(
                     "report_to includes wandb but wandb is not installed",
                     hint="pip install 'spin[wandb]' or drop wandb from report_to",
-                ) from None
+                ) from e
             self._wandb = wandb.init(project="spin", name=self.run_dir.name, dir=str(self.run_dir))
 
     def _tb(self, name: str) -> Any:

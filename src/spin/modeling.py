@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from spin.config import ModelConfig
 from spin.data import Message
 from spin.errors import SpinError
+from spin.io import save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +312,6 @@ def save_model(
 ) -> None:
     """Save a standard HF checkpoint (safetensors) atomically, replacing only its own files in `path`;
     `state_dict` (gathered from ZeRO-3 / FSDP shards) replaces the model's own."""
-    from spin.io import save_checkpoint
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)

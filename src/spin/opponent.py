@@ -179,10 +179,18 @@ def make_iteration_pairs(
     run_dir: Path,
     accelerator: Any = None,
     timings: dict[str, float] | None = None,
+    label: str | None = None,
 ) -> list[dict]:
     """All training pairs of iteration t with reference log-probs (`model` is the opponent p_{t-1}).
 
-    `timings` (optional) gets the seconds spent generating (`generate`) and scoring (`score`) added."""
+    `timings` (optional) gets the seconds spent generating (`generate`) and scoring (`score`) added;
+    `label` follows "generate" / "score" in the progress lines (default " {t}", and " (iterate s)" after
+    "score"); `spin generate` passes "" for plain "generate" / "score real" lines."""
+    name = f" {t}" if label is None else label
+
+    def where(s: int) -> str:
+        return f" (iterate {s})" if label is None else ""
+
     clock = timings if timings is not None else {}
     run_dir = Path(run_dir)
     it_dir = run_dir / f"iteration_{t}"
@@ -205,7 +213,7 @@ def make_iteration_pairs(
             cfg.generation,
             seed=cfg.seed * 1000 + t + (0 if single else 1_000_000 * (s + 1)),
             shard_dir=it_dir / "generations" if single else it_dir / "generations" / f"iterate_{s}",
-            desc=f"generate {t}" if single else f"generate {t} (iterate {s})",
+            desc=f"generate{name}" if single else f"generate{name} (iterate {s})",
             accelerator=accelerator,
         )
         clock["generate"] = clock.get("generate", 0.0) + time.perf_counter() - start
@@ -216,7 +224,7 @@ def make_iteration_pairs(
             p["reference_iteration"] = s
             fresh[i] = p
         scored.append(
-            (group, timed(clock, "score", _score_pairs, m, tokenizer, group, cfg, f"score {t} (iterate {s})"))
+            (group, timed(clock, "score", _score_pairs, m, tokenizer, group, cfg, f"score{name}{where(s)}"))
         )
 
     # 1. The opponent p_{t-1}, resident: its own prompts, then the mixed-in pairs of earlier iterations.

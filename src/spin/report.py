@@ -69,7 +69,7 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SpinError(f"cannot read {path}: {e}") from None
+        raise SpinError(f"cannot read {path}: {e}") from e
     if not isinstance(summary, dict):
         raise SpinError(f"{path} is not a JSON object: is this a spin run folder?")
     return summary
@@ -270,7 +270,7 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         os.replace(tmp, path)
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise SpinError(f"cannot write {path}: {e.strerror or e}") from None
+        raise SpinError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 # --- HTML ---------------------------------------------------------------------------------------------------

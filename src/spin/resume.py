@@ -34,6 +34,7 @@ import yaml
 
 from spin.config import SpinConfig
 from spin.errors import SpinError
+from spin.io import os_error_message
 
 # Dotted prefixes that do not change any result already on disk.
 HARMLESS = (
@@ -94,7 +95,7 @@ def check_resume_config(run_dir: Path, cfg: SpinConfig, force: bool) -> None:
         raise SpinError(
             f"cannot read the config of the run in {run_dir} ({path}: {first})",
             hint="use another output_dir, or delete that config.yaml to adopt the folder",
-        ) from None
+        ) from e
     if not isinstance(old, dict):
         old = {}
     new = cfg.to_dict()
@@ -175,21 +176,20 @@ class RunLock:
     def __enter__(self) -> RunLock:
         if not self.enabled:
             return self
-        from spin.io import os_error_message
 
         try:
             self._file = open(self.path, "a+")  # noqa: SIM115 - held open for the lock's lifetime
         except OSError as e:
-            raise os_error_message(self.path, e) from None
+            raise os_error_message(self.path, e) from e
         try:
             fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except OSError as e:
             self._file.close()
             self._file = None
             raise SpinError(
                 f"another spin run is using {self.path.parent}",
                 hint="wait for it to finish or stop it, or choose another output_dir",
-            ) from None
+            ) from e
         return self
 
     def __exit__(

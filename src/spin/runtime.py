@@ -14,6 +14,8 @@ import logging
 import os
 from typing import Any
 
+from spin.progress import set_interval
+
 log = logging.getLogger("spin")
 
 
@@ -29,8 +31,6 @@ def apply_settings(cfg: Any) -> int:
     """Set torch's intra-op threads (cfg.threads, default `available_cores()`) and the progress interval;
     returns the number of threads."""
     import torch
-
-    from spin.progress import set_interval
 
     threads = cfg.threads or available_cores()
     if torch.get_num_threads() != threads:

@@ -492,5 +492,5 @@ def get_task(name: str) -> Task:
     """The built-in task called `name`; SpinError naming the valid choices otherwise."""
     try:
         return _TASKS[name]
-    except KeyError:
-        raise SpinError(f"unknown task {name!r}", hint=f"choose one of: {', '.join(TASK_NAMES)}") from None
+    except KeyError as e:
+        raise SpinError(f"unknown task {name!r}", hint=f"choose one of: {', '.join(TASK_NAMES)}") from e
