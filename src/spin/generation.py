@@ -70,7 +70,7 @@ from typing import Any
 import torch
 
 from spin.config import GenerationConfig
-from spin.data import Message
+from spin.data import Message, prompt_key
 from spin.engines import (
     Sampler,
     Spec,
@@ -327,7 +327,7 @@ def generate_responses(
     loaded them from, while training has not changed them; else vLLM gets a temporary copy)."""
     # Render and tokenize each distinct conversation once (built-in tasks repeat prompts many times).
     first: dict[str, int] = {}
-    which = [first.setdefault(json.dumps(p, sort_keys=True), i) for i, p in enumerate(prompts)]
+    which = [first.setdefault(prompt_key(p), i) for i, p in enumerate(prompts)]
     encoded = {i: encode(tokenizer, render_prompt(tokenizer, prompts[i])) for i in first.values()}
     prompt_ids = [encoded[i] for i in which]
     # Longest first (an out-of-memory error shows at once), identical prompts side by side (refill runs them once).
