@@ -555,10 +555,12 @@ def sft_train(
     warmup_ratio: float = 0.05,
     stop: Callable[[int], bool] | None = None,
     check_every: int = 50,
+    optimizer: str = "adamw",
 ) -> list[float]:
     """Plain supervised fine-tuning (mean token NLL of the response), for the demo and the baselines.
 
-    AdamW, `warmup_ratio` of the steps warming up, then `lr_scheduler` (cosine or linear to zero at `steps`, or
+    `optimizer` (adamw, or rmsprop / sgd as in `train.optimizer`, built by `make_optimizer`; no weight decay),
+    `warmup_ratio` of the steps warming up, then `lr_scheduler` (cosine or linear to zero at `steps`, or
     constant). `stop(step)`,
     called every `check_every` steps with the model in eval mode, ends training early when it returns True
     (the demo stops its warm-up once the model answers a given fraction of problems).
@@ -566,8 +568,8 @@ def sft_train(
     forget_checkpoint(model)
     feats = encode_all(tokenizer, prompts, responses, max_length)
     gen = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    scheduler = make_scheduler(optimizer, lr_scheduler, max(1, round(steps * warmup_ratio)), steps)
+    opt = make_optimizer(model, TrainConfig(optimizer=optimizer, weight_decay=0.0), lr)
+    scheduler = make_scheduler(opt, lr_scheduler, max(1, round(steps * warmup_ratio)), steps)
     model.train()
     device = next(model.parameters()).device
     losses = []
@@ -579,10 +581,10 @@ def sft_train(
         batch = collate([feats[i] for i in idx], tokenizer.pad_token_id)
         logps = forward_logps(model, batch, length_normalize=False)
         loss = -logps.sum() / batch["loss_mask"][:, 1:].sum().clamp(min=1).to(device)
-        optimizer.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        opt.step()
         scheduler.step()
         losses.append(loss.item())
         if stop is not None and len(losses) % check_every == 0:
