@@ -33,8 +33,8 @@ Needs the GSM8K file (`--data`; default ../shared/data/gsm8k/train.jsonl, else /
 train.jsonl); without it, it says so and exits 0.
 
     python benchmarks/real_training.py --threads 2 --out runs/real_training              # the full run
-    OMP_NUM_THREADS=1 python benchmarks/real_training.py --pairs 8 --rejected repeat --steps 2 --threads 1 \\
-        --out runs/real_training_smoke                                                    # smoke
+    OMP_NUM_THREADS=1 python benchmarks/real_training.py --pairs 8 --rejected repeat --repeat-tokens 32 \\
+        --steps 2 --batch-size 1 --max-length 512 --threads 1 --out runs/real_training_smoke   # smoke (~2 min)
 
 Writes under `--out`: the sampled rejected replies (cache), `work/` (the pairs and the trainers' scratch
 files), `results.json` (settings and every trainer's numbers); the Markdown table goes to stdout.
