@@ -81,6 +81,11 @@ def test_missing_data_file(recipe: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert "data file not found" in line and "nope.jsonl" in line and "data.path" in line
 
 
+def test_no_held_out_prompts(recipe: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = fails(capsys, recipe, "data.eval_size=0")
+    assert "data.eval_size is 0" in line and "at least 1" in line
+
+
 def test_bad_json_line(recipe: Path, capsys: pytest.CaptureFixture[str]) -> None:
     line = data_error(capsys, recipe, jsonl(GOOD_ROWS) + "{not json\n")
     assert "data.jsonl:11" in line and "not valid JSON" in line

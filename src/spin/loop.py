@@ -159,9 +159,13 @@ def setup(cfg: SpinConfig, force: bool, accelerator: Any, run_dir: Path) -> tupl
     start = start_checkpoint(cfg, run_dir, accelerator)
     tokenizer = load_tokenizer(start, cfg.model)
     train_examples, held_out, data_stats = load_examples(cfg, tokenizer)
-    if (
-        accelerator.is_main_process
-    ):  # only once the inputs are known to be good: a bad input leaves a folder as is
+    if not held_out:  # every iteration is measured on held-out prompts; none would fail deep in evaluation
+        raise SpinError(
+            "data.eval_size is 0: spin run evaluates every iteration on held-out prompts",
+            hint="set data.eval_size to at least 1 (spin eval scores a whole file instead)",
+        )
+    # config.yaml only once the inputs are known to be good: a bad input leaves a folder as is.
+    if accelerator.is_main_process:
         atomic_write_text(run_dir / "config.yaml", config_to_yaml(cfg))
     primary = primary_metric(cfg, held_out or train_examples)
     loggers = IterationLogger(run_dir, cfg.report_to, enabled=accelerator.is_main_process)
