@@ -52,15 +52,18 @@ def gsm8k_rows(path: str | Path, n: int | None = None) -> list[dict[str, str]]:
     return rows
 
 
-def matmul_gflops(threads: int, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
-    """The machine's matmul limit as measured here: best GFLOP/s of an n x n fp32 matmul (2 n^3 FLOPs) over
-    `repeats` timings after one warm-up, with `threads` torch threads. Best, not median: the limit is what
-    the hardware can do; a neighbour's burst only ever makes a timing slower."""
+def matmul_gflops(
+    threads: int, n: int = 2048, repeats: int = 5, device: str = "cpu", dtype: str = "float32"
+) -> float:
+    """The machine's matmul limit as measured here: best GFLOP/s of an n x n matmul in `dtype` (2 n^3 FLOPs)
+    over `repeats` timings after one warm-up, with `threads` torch threads. Best, not median: the limit is
+    what the hardware can do; a neighbour's burst only ever makes a timing slower. (On a CPU with AMX,
+    bfloat16's limit is ~2.5-3x float32's.)"""
     import torch
 
     torch.set_num_threads(threads)
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
+    a = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
+    b = torch.randn(n, n, device=device, dtype=getattr(torch, dtype))
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     a @ b  # warm-up: thread pool start, BLAS dispatch
     sync()

@@ -1,19 +1,20 @@
 """Generation throughput on a real model: one at a time vs plain batched HF `generate` vs spin's engines.
 
-What: SmolLM2-135M-Instruct (float32), the first `--prompts` GSM8K training questions as user turns (its
-chat template adds its default system prompt), temperature 1, top_k 0, top_p 1, at most `--max-new-tokens`
-new tokens, stop at end of turn. Each way runs in its own fresh process, back to back in one run:
+What: SmolLM2-135M-Instruct (float32, or `--dtype bfloat16` for every way), the first `--prompts` GSM8K
+training questions as user turns (its chat template adds its default system prompt), temperature 1, top_k 0,
+top_p 1, at most `--max-new-tokens` new tokens, stop at end of turn. Each way runs in its own fresh process, back to back in one run:
 
 1. `hf_one`: `model.generate` on one prompt at a time (the paper's simplified loop; `--one-prompts` runs it
    on the first K prompts only, since it is by far the slowest: its rates stay comparable);
 2. `hf_batchB` for each B in `--hf-batch-sizes` (default 32 and 64): plain `model.generate` on batches of B
    prompts in input order, left padded (what a competent user writes);
 3. `spin_refill`, `spin_generate`, `spin_continuous`: `spin.generation.generate_responses` with that engine
-   and batch `--batch-size` (the one-prompt and HF loops are `benchmarks/vllm_generation.py`'s `hf_batched`).
+   and batch `--batch-size` (`--continuous-prompts K`: `spin_continuous` on the first K prompts only, as
+   `--one-prompts` for `hf_one`) (the one-prompt and HF loops are `benchmarks/vllm_generation.py`'s `hf_batched`).
 
 Reported per way: generated tokens (end-of-turn token included), seconds generating (the model already
 loaded), tokens/s, prompts/s, and the share of the machine's matmul limit that generation reaches: a fresh
-process times a 2048 x 2048 fp32 matmul with the same thread count (best of 5, GFLOP/s) before the first way
+process times a 2048 x 2048 matmul in `--dtype` with the same thread count (best of 5, GFLOP/s) before the first way
 and after the last, and the higher of the two is the limit; a generated token costs 2 N FLOPs (N = the
 parameter count, the tied embedding counted once: every weight is one multiply-add per token; attention over
 the context and the prefill of the prompts are not counted, so with few new tokens per prompt the share is
@@ -77,7 +78,7 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
 
     folder = Path(args.model) if args.model else smollm2_folder()
     tok = load_tokenizer(folder, ModelConfig())
-    model = load_model(folder, ModelConfig(dtype="float32"), device=torch.device(args.device)).eval()
+    model = load_model(folder, ModelConfig(dtype=args.dtype), device=torch.device(args.device)).eval()
     return model, tok
 
 
@@ -101,13 +102,15 @@ def worker(way: str, args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     if way == "matmul":
-        return {"gflops": matmul_gflops(args.threads, device=args.device)}
+        return {"gflops": matmul_gflops(args.threads, device=args.device, dtype=args.dtype)}
     from spin.modeling import count_parameters
 
     model, tok = load(args)
     prompts = gsm8k_prompts(Path(args.data), args.prompts)
     if way == "hf_one" and args.one_prompts:
         prompts = prompts[: args.one_prompts]
+    if way == "spin_continuous" and args.continuous_prompts:
+        prompts = prompts[: args.continuous_prompts]
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     sync()
     t1, c1 = time.perf_counter(), time.process_time()
@@ -194,9 +197,9 @@ def print_table(args: argparse.Namespace, out: dict[str, Any]) -> None:
     results = out["results"]
     n = next(iter(results.values()))["parameters"] if results else 0
     print(
-        f"\nSmolLM2-135M-Instruct ({n / 1e6:.1f}M parameters, fp32, {args.device}), {args.prompts} GSM8K prompts, "
+        f"\nSmolLM2-135M-Instruct ({n / 1e6:.1f}M parameters, {args.dtype}, {args.device}), {args.prompts} GSM8K prompts, "
         f"<= {args.max_new_tokens} new tokens, T=1, top_k 0, {args.threads} thread(s); spin engines at batch "
-        f"{args.batch_size}; matmul limit {out['matmul_limit_gflops']:.1f} GFLOP/s "
+        f"{args.batch_size}; {args.dtype} matmul limit {out['matmul_limit_gflops']:.1f} GFLOP/s "
         f"(before {out['matmul_gflops'][0]:.1f}, after {out['matmul_gflops'][1]:.1f}), 2N FLOPs per token\n"
     )
     print(
@@ -218,8 +221,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64, help="batch size of the spin engines")
     p.add_argument("--hf-batch-sizes", type=int, nargs="+", default=[32, 64], help="plain batched HF ways")
     p.add_argument("--one-prompts", type=int, default=None, help="hf_one on the first K prompts only")
+    p.add_argument("--continuous-prompts", type=int, default=None, help="spin_continuous on the first K only")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads, every way and the matmul")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="weights dtype, every way (and the matmul)",
+    )
     p.add_argument("--model", default=None, help="model folder (default: runs/smollm2, made once)")
     p.add_argument("--data", default=default_gsm8k(), help="GSM8K jsonl with `question` fields")
     p.add_argument("--ways", default=None, help="comma-separated subset (default: all)")

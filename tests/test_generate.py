@@ -105,7 +105,7 @@ def test_continuous_sampling_is_seeded(lm: tuple[Any, Any], prompts: list[list[d
 
 
 def test_sampler_draws_from_the_filtered_softmax() -> None:
-    """Counter-based Gumbel-max: frequencies over many (key, step) match softmax(logits / T) within 4 sigma,
+    """Counter-based inverse-CDF draws: frequencies over many (key, step) match softmax(logits / T) within 4 sigma,
     and top-k / top-p remove exactly the tokens they should."""
     logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0, -3.0]])
     n = 40_000
@@ -144,7 +144,8 @@ def test_top_k_zero_means_no_top_k(lm: tuple[Any, Any], prompts: list[list[dict]
     (noisy,) = seen["logits_processor"]
     scores = torch.randn(4, 50)
     out = noisy(seen["input_ids"][:4], scores)
-    assert torch.isfinite(out).all()  # top_k=0: nothing filtered
+    assert torch.isfinite(noisy.sampler.filtered(scores)).all()  # top_k=0: nothing filtered
+    assert (torch.isfinite(out).sum(-1) == 1).all()  # one sampled token per row, whose argmax generate takes
     assert int(torch.isfinite(Sampler(_cfg(top_k=5), 0).filtered(scores)).sum()) == 4 * 5
 
     def fake_batch(inputs: Any, generation_config: Any, **kwargs: Any) -> Any:
@@ -315,3 +316,26 @@ def test_num_tokens_and_finished(lm: tuple[Any, Any], prompts: list[list[dict]])
     for g in got:
         assert 1 <= g.num_tokens <= 3
         assert g.finished or g.num_tokens == 3
+
+
+def test_generation_dtype_samples_from_a_cast_copy(lm: tuple[Any, Any], prompts: list[list[dict]]) -> None:
+    """generation.dtype=bfloat16 on an fp32 model: the engines run a bf16 copy of the same weights, and the
+    model itself keeps its fp32 weights (a cast there and back would lose their low bits)."""
+    model, tok = lm
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    copy = gen.generation_model(model, _cfg(dtype="bfloat16"))
+    assert copy is not model and next(copy.parameters()).dtype == torch.bfloat16
+    for name, value in copy.state_dict().items():
+        assert torch.equal(value, before[name].to(torch.bfloat16)), name
+    assert gen.generation_model(model, _cfg()) is model  # dtype: model (the default) makes no copy
+    assert gen.generation_model(model, _cfg(dtype="float32")) is model  # already that dtype
+    out = generate_responses(model, tok, prompts, _cfg(dtype="bfloat16"), seed=0, greedy=True)
+    assert len(out) == len(prompts) and all(g.num_tokens > 0 for g in out)
+    assert all(torch.equal(v, before[k]) and v.dtype == torch.float32 for k, v in model.state_dict().items())
+
+
+def test_generation_dtype_is_validated() -> None:
+    from spin.errors import SpinError
+
+    with pytest.raises(SpinError, match="generation.dtype"):
+        GenerationConfig(dtype="int8")

@@ -35,12 +35,12 @@ Four engines (`generation.engine`, implemented in `spin.engines`, vLLM in `spin.
   PERSIST_MIN_PROBE prompts (too few to trust for a whole run). Under several processes rank 0's choice is
   used everywhere.
 
-Sampling: `refill` and `generate` share one sampler. A token is drawn by the Gumbel-max trick,
-argmax(filtered_logits / T + G), with G computed by an integer hash of (seed, prompt index, step, token id)
-instead of a stateful RNG. So a prompt's sample depends only on the seed, its index and the model: not on
+Sampling: `refill` and `generate` share one sampler. A token is drawn by inverse-CDF sampling:
+the first token whose cumulative softmax(filtered_logits / T) reaches u, with u in (0, 1) computed by an
+integer hash of (seed, prompt index, step) instead of a stateful RNG. So a prompt's sample depends only on the seed, its index and the model: not on
 batch size, batch composition, engine (of these two), shard or number of processes, and the same seed gives
-the same responses on the same hardware (float rounding differs with batch shape, which can flip a rare
-near-tie). temperature 0 is greedy; top_k 0 and top_p 1 disable those filters (transformers' default
+the same responses on the same hardware (float rounding differs with batch shape, which can move a rare
+draw that falls next to a token boundary). temperature 0 is greedy; top_k 0 and top_p 1 disable those filters (transformers' default
 top_k=50 is never applied); sampling defaults stored in the model's own generation_config (e.g. a repetition
 penalty) are NOT applied: spin's settings are the whole specification.
 
@@ -83,7 +83,7 @@ from spin.engines import (
 )
 from spin.errors import SpinError
 from spin.io import atomic_write_text, fault_point, read_jsonl
-from spin.modeling import encode, render_prompt
+from spin.modeling import DTYPES, encode, render_prompt
 from spin.progress import Progress
 from spin.vllm_engine import VllmEngine, auto_choice, check_vllm, rank_zero_only
 
@@ -308,6 +308,32 @@ def _run_shards(
 # ------------------------------------------------------------------------------------------------------
 
 
+def generation_model(model: Any, cfg: GenerationConfig) -> Any:
+    """The model the engines sample from: `model` itself, or with `generation.dtype` set to another dtype
+    than its weights' a copy of it in that dtype (same device, eval mode; freed when generation returns).
+
+    A copy, not `model.to(dtype)`: casting an fp32 model to bf16 and back would lose its weights' low bits.
+    Rebuilt from the config and the state dict (not `copy.deepcopy`, which can carry a trained model's stale
+    state along). Only for full models: adapters (PEFT) and quantized weights are refused."""
+    if cfg.dtype == "model" or cfg.engine == "vllm":
+        return model
+    dtype = DTYPES[cfg.dtype]
+    first = next(model.parameters())
+    if first.dtype == dtype:
+        return model
+    if hasattr(model, "peft_config") or getattr(model, "is_quantized", False):
+        raise SpinError(
+            f"generation.dtype={cfg.dtype} needs a full model, not an adapter or quantized one",
+            hint="set generation.dtype: model",
+        )
+    from transformers import AutoModelForCausalLM
+
+    copy = AutoModelForCausalLM.from_config(model.config, dtype=dtype)
+    copy.load_state_dict(model.state_dict())  # cast to `dtype` on load; tied embeddings stay tied
+    copy.generation_config = model.generation_config
+    return copy.to(first.device).eval()
+
+
 def generate_responses(
     model: Any,
     tokenizer: Any,
@@ -325,6 +351,7 @@ def generate_responses(
 
     `model_path`: the folder holding `model`'s weights, for the vLLM engine (default: the folder `load_model`
     loaded them from, while training has not changed them; else vLLM gets a temporary copy)."""
+    model = generation_model(model, cfg)
     # Render and tokenize each distinct conversation once (built-in tasks repeat prompts many times).
     first: dict[str, int] = {}
     which = [first.setdefault(prompt_key(p), i) for i, p in enumerate(prompts)]
