@@ -215,3 +215,40 @@ def test_run_plays_two_iterations_with_each_reference(
     else:
         assert sorted({p["opponent_iteration"] for p in pairs}) == [0, 1]
         assert sorted(d.name for d in (it2 / "generations").iterdir()) == ["iterate_0", "iterate_1"]
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate's state is a per-process singleton fixed at the first Accelerator; reset it around a test
+    that needs another mixed precision, so the tests before and after keep theirs."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_bf16_training_scores_the_reference_under_its_autocast(
+    make_config, iterates: dict[int, Path], fresh_accelerator_state
+) -> None:
+    """train.precision=bf16: the stored reference log-probs are the opponent's under bf16 autocast, as the
+    policy computes them in training (so log p/p_ref starts at 0), not its fp32 log-probs."""
+    from spin.logps import score_logps
+    from spin.opponent import make_iteration_pairs
+    from spin.trainer import make_accelerator
+
+    cfg, tok, train, opponent = _setup(make_config, iterates, 1, "train.precision=bf16")
+    accelerator = make_accelerator(cfg.train)
+    assert accelerator.mixed_precision == "bf16"
+    pairs = make_iteration_pairs(opponent, tok, train, cfg, 1, Path(cfg.output_dir), accelerator)
+    prompts = [p["prompt"] for p in pairs]
+    real = [p["chosen"][-1]["content"] for p in pairs]
+
+    def score() -> list[float]:  # the same batches as the pairs stage: the same numbers, bit for bit
+        return score_logps(opponent, tok, prompts, real, cfg.train.max_length, cfg.eval.batch_size)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = score()
+    fp32 = score()
+    assert [p["ref_chosen_logps"] for p in pairs] == bf16
+    assert max(abs(a - b) for a, b in zip(bf16, fp32)) > 1e-4  # autocast really changes the numbers

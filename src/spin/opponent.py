@@ -47,6 +47,7 @@ the tiny model, and mixing); docs/paper.md ("Where else") maps each reference to
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import random
@@ -145,13 +146,19 @@ def _with_checkpoint(opponent: Any, path: str | Path, cfg: SpinConfig, work: Cal
 
 
 def _score_pairs(
-    model: Any, tokenizer: Any, pairs: list[dict], cfg: SpinConfig, desc: str
+    model: Any, tokenizer: Any, pairs: list[dict], cfg: SpinConfig, desc: str, accelerator: Any = None
 ) -> list[tuple[float, float]]:
-    """(log p(real | x), log p(generated | x)) under `model` for each pair, in order."""
+    """(log p(real | x), log p(generated | x)) under `model` for each pair, in order.
+
+    Under the training's mixed precision (`accelerator.autocast()`, a no-op under fp32): the trainer's
+    policy runs under that autocast, so at step 0 (policy = reference) log p/p_ref is 0 up to rounding that
+    depends on the batch shape. On SmolLM2 under bf16 (benchmarks/bf16_reference.py) the mean |log-ratio|
+    at step 0 was 0.088 nats per sequence scored this way, 0.43 with fp32 reference scores."""
     if not pairs:
         return []
     prompts = [p["prompt"] for p in pairs]
     tc = cfg.train
+    autocast = accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
 
     def score(responses: list[str], side: str) -> list[float]:
         return score_logps(
@@ -165,8 +172,9 @@ def _score_pairs(
             desc=f"{desc} {side}",
         )
 
-    real = score([chosen_text(p) for p in pairs], "real")
-    generated = score([rejected_text(p) for p in pairs], "generated")
+    with autocast:
+        real = score([chosen_text(p) for p in pairs], "real")
+        generated = score([rejected_text(p) for p in pairs], "generated")
     return list(zip(real, generated))
 
 
@@ -201,6 +209,9 @@ def make_iteration_pairs(
     # (pairs, their (real, generated) log-probs under the iterate that is their reference), one per scoring.
     scored: list[tuple[list[dict], list[tuple[float, float]]]] = []
 
+    def score(m: Any, group: list[dict], desc: str) -> list[tuple[float, float]]:
+        return timed(clock, "score", _score_pairs, m, tokenizer, group, cfg, desc, accelerator)
+
     def play(m: Any, s: int) -> None:
         """Iterate s (loaded as m) samples y' for its prompts and scores both replies of those pairs."""
         idx = [i for i, a in enumerate(assigned) if a == s]
@@ -223,9 +234,7 @@ def make_iteration_pairs(
             p["opponent_iteration"] = s
             p["reference_iteration"] = s
             fresh[i] = p
-        scored.append(
-            (group, timed(clock, "score", _score_pairs, m, tokenizer, group, cfg, f"score{name}{where(s)}"))
-        )
+        scored.append((group, score(m, group, f"score{name}{where(s)}")))
 
     # 1. The opponent p_{t-1}, resident: its own prompts, then the mixed-in pairs of earlier iterations.
     play(model, t - 1)
@@ -236,9 +245,7 @@ def make_iteration_pairs(
         if kind != "alpha":
             for col in _ALPHA_COLUMNS:
                 p.pop(col, None)
-    scored.append(
-        (mixed, timed(clock, "score", _score_pairs, model, tokenizer, mixed, cfg, f"score {t} (mixed)"))
-    )
+    scored.append((mixed, score(model, mixed, f"score {t} (mixed)")))
 
     # 2. Older iterates (fictitious play), each loaded alone, for the prompts assigned to it.
     for s in window:
@@ -251,7 +258,7 @@ def make_iteration_pairs(
             key = "opponent" if kind == "alpha" else "ref"
             p[f"{key}_chosen_logps"], p[f"{key}_rejected_logps"] = real, generated
     if kind == "alpha":
-        timed(clock, "score", _add_alpha_reference, model, tokenizer, pairs, cfg, t, run_dir)
+        timed(clock, "score", _add_alpha_reference, model, tokenizer, pairs, cfg, t, run_dir, accelerator)
     return pairs
 
 
@@ -265,7 +272,7 @@ def timed(clock: dict[str, float], stage: str, fn: Callable[..., T], *args: Any)
 
 
 def _add_alpha_reference(
-    model: Any, tokenizer: Any, pairs: list[dict], cfg: SpinConfig, t: int, run_dir: Path
+    model: Any, tokenizer: Any, pairs: list[dict], cfg: SpinConfig, t: int, run_dir: Path, accelerator: Any
 ) -> None:
     """Base-model scores of every pair (reused when stored), then ref = α·base + (1 − α)·opponent."""
     need = [p for p in pairs if "base_chosen_logps" not in p or "base_rejected_logps" not in p]
@@ -276,7 +283,7 @@ def _add_alpha_reference(
             model,
             iterate_path(cfg, run_dir, 0),
             cfg,
-            lambda m: _score_pairs(m, tokenizer, need, cfg, f"score {t} (base)"),
+            lambda m: _score_pairs(m, tokenizer, need, cfg, f"score {t} (base)", accelerator),
         )
     else:
         base_scores = []
