@@ -7,8 +7,8 @@ largest size to hours on a CPU: a longer cap makes generation and training deare
 scaling different), engine `refill` (auto would time the engines only at the larger sizes), batch
 `--gen-batch-size` for generation and `--batch-size` pairs per step, max_length `--max-length`, RMSprop at
 5e-7, 1 epoch, gradient checkpointing on (spin's defaults); fp32 unless `--precision bf16` (train.precision:
-bf16 autocast in training; scoring stays fp32) and `--gen-dtype bfloat16` (generation.dtype: the engines
-sample from a bf16 copy), each ~1.7-1.8x faster on a CPU with AMX, ~3x slower without (docs/results.md).
+bf16 autocast in training and in scoring the reference, as the policy runs) and `--gen-dtype bfloat16`
+(generation.dtype: the engines sample from a bf16 copy), each ~1.7-1.8x faster on a CPU with AMX, ~3x slower without (docs/results.md).
 Evaluation runs on the same `--eval-size` held-out questions at every size: each size's data file holds
 those questions plus its first `size` others, and the held-out questions are the ones spin's own split
 (`spin.data.split_holdout`, a hash of seed and prompt) ranks first over the whole GSM8K file, so spin holds
@@ -19,10 +19,15 @@ model first, as every `spin run` does). The seconds per stage come from `iterati
 (`seconds_generate`, `seconds_score`, `seconds_train`, `seconds_eval`). Reported: seconds per stage per
 1,000 training prompts at each size and its ratio to the smallest size (the target: linear, every ratio
 within 1 +- 0.2); evaluation is on a fixed set, so its seconds are reported as they are (ratio ~1 expected).
+To tell a per-prompt cost that falls because batches pad less from one that falls because a fixed cost is
+spread thinner, a second table gives the work each stage did (`stage_work`: sampled tokens; positions of
+the padded batches scoring and training ran, recomputed from the run folder the way spin batches them) and
+seconds per 1,000 of them, and each stage's least-squares line `seconds = fixed + per_prompt * size` over
+the sizes (with its largest relative residual: a super-linear stage would show as a bent line).
 
 Resumable: rerunning the same command reuses every run folder; `spin.loop.run` resumes each after its last
-finished stage (a finished size costs only loading the model). A folder refuses other settings: change
-`--out` with them.
+finished stage (a finished size costs only loading the model, and keeps the peak RSS its measuring run
+wrote to results.json). A folder refuses other settings: change `--out` with them.
 
     python benchmarks/real_cost.py --threads 2 --out runs/real_cost                      # the full run
     OMP_NUM_THREADS=1 python benchmarks/real_cost.py --sizes 4 8 --max-new-tokens 8 --eval-size 4 \\
@@ -140,11 +145,77 @@ def measure(args: argparse.Namespace, size: int) -> dict[str, Any]:
     r = run_worker([sys.executable, __file__, *sys.argv[1:], "--worker", str(size)], echo=True)
     metrics = json.loads((it1 / "metrics.json").read_text())
     row: dict[str, Any] = {"size": size, "reused": reused, "wall_s_this_call": r["process_s"]}
-    row["peak_rss_mb"] = r["peak_rss_mb"]
+    # A reused size's process only loaded the model: keep the peak RSS of the run that measured it, where
+    # an earlier results.json has it (None where it does not).
+    earlier = Path(args.out) / "results.json"
+    before = {e["size"]: e for e in json.loads(earlier.read_text())["results"]} if earlier.is_file() else {}
+    row["peak_rss_mb"] = before.get(size, {}).get("peak_rss_mb") if reused else r["peak_rss_mb"]
     for stage in (*STAGES, "eval"):
         row[f"seconds_{stage}"] = float(metrics.get(f"seconds_{stage}", float("nan")))
     row["seconds_iteration"] = float(metrics.get("seconds", float("nan")))
     return row
+
+
+def stage_work(args: argparse.Namespace, size: int) -> dict[str, Any]:
+    """The work each stage did at this size, recomputed from its run folder the way spin batches it.
+
+    generate: sampled tokens (`num_tokens` in the generation shards) and prompt tokens (each prefilled once);
+    score: positions of the (B, T) batches `spin.logps.score_logps` ran (each side sorted by length,
+    `eval.batch_size` rows, padded to the batch's longest) and the real tokens among them; train: positions
+    of the (2B, T) micro-batches in `spin.trainer.plan_batches`' order (padded to the longest real or
+    generated sequence of the batch) and the real tokens among them."""
+    from spin.config import scheduled
+    from spin.io import read_jsonl
+    from spin.logps import encode_all
+    from spin.modeling import load_tokenizer
+    from spin.trainer import featurize, plan_batches
+
+    cfg = spin_config(args, size)
+    it1 = Path(cfg.output_dir) / "iteration_1"
+    gens = [g for f in sorted((it1 / "generations").glob("shard_*.jsonl")) for g in read_jsonl(f)]
+    pairs = list(read_jsonl(it1 / "pairs.jsonl"))
+    tok = load_tokenizer(cfg.model.name_or_path, cfg.model)
+    prompts = [p["prompt"] for p in pairs]
+    prompt_only = encode_all(tok, prompts, [""] * len(prompts), cfg.train.max_length)
+    feats = featurize(tok, pairs, cfg.train.max_length)
+    work = {"generated_tokens": sum(int(g["num_tokens"]) for g in gens)}
+    work["prompt_tokens"] = sum(e.prompt_len for e in prompt_only)
+    work["score_positions"] = work["score_tokens"] = 0
+    for side in ("chosen", "rejected"):
+        lengths = sorted((len(getattr(f, side).input_ids) for f in feats), reverse=True)
+        for b in range(0, len(lengths), cfg.eval.batch_size):
+            chunk = lengths[b : b + cfg.eval.batch_size]  # sorted: the first is the batch's width
+            work["score_positions"] += chunk[0] * len(chunk)
+            work["score_tokens"] += sum(chunk)
+    epochs = float(scheduled(cfg.train.epochs, 1))
+    work["train_steps"], micro = plan_batches(len(feats), cfg.train, epochs, cfg.seed * 1000 + 1, 1)
+    work["train_positions"] = work["train_tokens"] = 0
+    for batch in micro:
+        lengths = [len(s.input_ids) for i in batch for s in (feats[i].chosen, feats[i].rejected)]
+        work["train_positions"] += max(lengths) * len(lengths)
+        work["train_tokens"] += sum(lengths)
+    return work
+
+
+# The work unit per stage (stage_work's key) that its seconds are divided by.
+WORK_UNIT = {"generate": "generated_tokens", "score": "score_positions", "train": "train_positions"}
+
+
+def fit_lines(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per stage, the least-squares line seconds = fixed + per_prompt * size over the sizes, and the largest
+    residual relative to the measured seconds (needs 2 sizes or more)."""
+    lines: dict[str, dict[str, float]] = {}
+    xs = [float(r["size"]) for r in rows]
+    mx = sum(xs) / len(xs)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    for stage in STAGES:
+        ys = [r[f"seconds_{stage}"] for r in rows]
+        my = sum(ys) / len(ys)
+        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+        fixed = my - slope * mx
+        worst = max(abs(fixed + slope * x - y) / y for x, y in zip(xs, ys))
+        lines[stage] = {"fixed_s": fixed, "per_1k_prompts_s": slope * 1000, "max_rel_residual": worst}
+    return lines
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -161,6 +232,11 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
         r["ratio_eval"] = r["seconds_eval"] / base["seconds_eval"]
         ratios = [r[f"ratio_{s}"] for s in (*STAGES, "total")]
         r["linear_within_20pct"] = all(0.8 <= x <= 1.2 for x in ratios)
+        for stage, unit in WORK_UNIT.items():
+            r[f"ms_per_{unit}"] = r[f"seconds_{stage}"] / r["work"][unit] * 1000
+            r[f"ratio_ms_per_{unit}"] = r[f"ms_per_{unit}"] / (
+                base[f"seconds_{stage}"] / base["work"][unit] * 1000
+            )
 
 
 def print_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
@@ -179,6 +255,34 @@ def print_table(args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:
         print(
             f"| {r['size']} | {' | '.join(cells)} | {eval_cell} | {'yes' if r['linear_within_20pct'] else 'no'} |"
         )
+
+
+def print_work(rows: list[dict[str, Any]]) -> None:
+    """The work table (stage_work, ms per unit) and, with 2 sizes or more, each stage's fitted line."""
+    print("\nWork per stage (padding included), ms per unit of it (ratio to the smallest size):\n")
+    header = ["prompts", "generated tokens", "ms/token", "scored positions (real)", "ms/position"]
+    print("| " + " | ".join([*header, "trained positions (real)", "ms/position"]) + " |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        w, cells = r["work"], []
+        for stage, unit in WORK_UNIT.items():
+            real = {"score": f" ({w['score_tokens']})", "train": f" ({w['train_tokens']})"}.get(stage, "")
+            cells += [f"{w[unit]}{real}", f"{r[f'ms_per_{unit}']:.2f} ({r[f'ratio_ms_per_{unit}']:.2f}x)"]
+        print(f"| {r['size']} | {' | '.join(cells)} |")
+    if len(rows) < 2:
+        return
+    print(
+        "\nLeast-squares line per stage over the sizes: seconds = fixed + (s per 1,000 prompts) * size / 1000\n"
+    )
+    print("| stage | fixed s | s per 1,000 prompts | largest residual |")
+    print("|---|---:|---:|---:|")
+    for stage, line in fit_lines(rows).items():
+        cells = [
+            f"{line['fixed_s']:.1f}",
+            f"{line['per_1k_prompts_s']:.0f}",
+            f"{100 * line['max_rel_residual']:.1f}%",
+        ]
+        print(f"| {stage} | {' | '.join(cells)} |")
 
 
 def parse_args() -> argparse.Namespace:
@@ -218,12 +322,16 @@ def main() -> None:
         print("RESULT " + json.dumps(worker(args, args.worker)), flush=True)
         return
     rows = [measure(args, size) for size in sorted(set(args.sizes))]
+    for r in rows:
+        r["work"] = stage_work(args, r["size"])
     add_ratios(rows)
     for r in rows:
         print(json.dumps(r), flush=True)
     print_table(args, rows)
+    print_work(rows)
     out = Path(args.out) / "results.json"
-    out.write_text(json.dumps({"args": vars(args), "results": rows}, indent=1) + "\n")
+    lines = fit_lines(rows) if len(rows) > 1 else {}
+    out.write_text(json.dumps({"args": vars(args), "results": rows, "lines": lines}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
