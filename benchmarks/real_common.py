@@ -76,6 +76,17 @@ def matmul_gflops(
     return 2 * n**3 / best / 1e9
 
 
+def line_fit(points: list[tuple[float, float]]) -> dict[str, float]:
+    """Least-squares line y = fixed + slope * x through (x, y) points (2 distinct x or more): fixed, slope per
+    1,000 x, and the largest residual relative to its y."""
+    xs, ys = [float(x) for x, _ in points], [float(y) for _, y in points]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    fixed = my - slope * mx
+    worst = max(abs(fixed + slope * x - y) / y for x, y in zip(xs, ys))
+    return {"fixed_s": fixed, "per_1k_prompts_s": 1000 * slope, "max_rel_residual": worst}
+
+
 def run_worker(cmd: list[str], env: dict[str, str] | None = None, echo: bool = False) -> dict[str, Any]:
     """Run one measurement in a fresh process; its `RESULT {json}` line plus `process_s` (wall time of the
     whole process: interpreter start, imports, work, shutdown) and `peak_rss_mb`: the kernel's high-water

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from real_common import default_gsm8k, run_worker, smollm2_folder
+from real_common import default_gsm8k, line_fit, run_worker, smollm2_folder
 
 STAGES = ("generate", "score", "train")  # scale with the training prompts; eval is on a fixed set
 COLUMNS = {"prompt": "question", "response": "answer"}
@@ -202,20 +202,8 @@ WORK_UNIT = {"generate": "generated_tokens", "score": "score_positions", "train"
 
 
 def fit_lines(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per stage, the least-squares line seconds = fixed + per_prompt * size over the sizes, and the largest
-    residual relative to the measured seconds (needs 2 sizes or more)."""
-    lines: dict[str, dict[str, float]] = {}
-    xs = [float(r["size"]) for r in rows]
-    mx = sum(xs) / len(xs)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    for stage in STAGES:
-        ys = [r[f"seconds_{stage}"] for r in rows]
-        my = sum(ys) / len(ys)
-        slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-        fixed = my - slope * mx
-        worst = max(abs(fixed + slope * x - y) / y for x, y in zip(xs, ys))
-        lines[stage] = {"fixed_s": fixed, "per_1k_prompts_s": slope * 1000, "max_rel_residual": worst}
-    return lines
+    """Per stage, the least-squares line seconds = fixed + slope * size over the sizes (2 or more)."""
+    return {stage: line_fit([(r["size"], r[f"seconds_{stage}"]) for r in rows]) for stage in STAGES}
 
 
 def add_ratios(rows: list[dict[str, Any]]) -> None:

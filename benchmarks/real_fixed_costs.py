@@ -38,15 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from real_common import default_gsm8k, smollm2_folder
-
-
-def line_fit(points: list[tuple[int, float]]) -> dict[str, float]:
-    """Least-squares seconds = fixed + slope * prompts over (prompts, seconds) points."""
-    xs, ys = [float(x) for x, _ in points], [y for _, y in points]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return {"fixed_s": my - slope * mx, "per_1k_prompts_s": 1000 * slope}
+from real_common import default_gsm8k, line_fit, smollm2_folder
 
 
 def timed_calls(call: Any, n: int, warm_sizes: list[int]) -> dict[str, Any]:
