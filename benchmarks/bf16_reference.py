@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from real_common import default_gsm8k, gsm8k_rows, smollm2_folder
+from real_common import default_gsm8k, gsm8k_missing, gsm8k_rows, smollm2_folder
 
 
 def main() -> None:
@@ -35,8 +34,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default=default_gsm8k())
     args = p.parse_args()
-    if not Path(args.data).is_file():
-        print(f"skipped: no GSM8K file at {args.data}")
+    if gsm8k_missing(args.data):
         return
     import torch
 

@@ -40,6 +40,14 @@ def default_gsm8k() -> str:
     return str(next((p for p in GSM8K_CANDIDATES if p.is_file()), GSM8K_CANDIDATES[0]))
 
 
+def gsm8k_missing(path: str | Path, fields: str = "question / answer") -> bool:
+    """True (after saying so) when the GSM8K file is not there: the benchmarks then skip and exit 0."""
+    if Path(path).is_file():
+        return False
+    print(f"skipped: no GSM8K file at {path} (give --data PATH to a jsonl with {fields})")
+    return True
+
+
 def gsm8k_rows(path: str | Path, n: int | None = None) -> list[dict[str, str]]:
     """The first `n` rows (all when None) of a GSM8K jsonl file, in file order."""
     rows = []

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from real_common import default_gsm8k, line_fit, run_worker, smollm2_folder
+from real_common import default_gsm8k, gsm8k_missing, line_fit, run_worker, smollm2_folder
 
 STAGES = ("generate", "score", "train")  # scale with the training prompts; eval is on a fixed set
 COLUMNS = {"prompt": "question", "response": "answer"}
@@ -303,8 +303,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if not Path(args.data).is_file():
-        print(f"skipped: no GSM8K file at {args.data} (give --data PATH to a jsonl with question / answer)")
+    if gsm8k_missing(args.data):
         return
     if args.worker is not None:
         print("RESULT " + json.dumps(worker(args, args.worker)), flush=True)

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from real_common import default_gsm8k, line_fit, smollm2_folder
+from real_common import default_gsm8k, gsm8k_missing, line_fit, smollm2_folder
 
 
 def timed_calls(call: Any, n: int, warm_sizes: list[int]) -> dict[str, Any]:
@@ -131,8 +131,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if not Path(args.data).is_file():
-        print(f"skipped: no GSM8K file at {args.data} (give --data PATH to a jsonl with question / answer)")
+    if gsm8k_missing(args.data):
         return
     result = measure(args)
     print_table(args, result)

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from real_common import default_gsm8k, matmul_gflops, run_worker, smollm2_folder
+from real_common import default_gsm8k, gsm8k_missing, matmul_gflops, run_worker, smollm2_folder
 from vllm_generation import gsm8k_prompts, hf_batched
 
 SPIN_ENGINES = ("refill", "generate", "continuous")
@@ -244,8 +244,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if not Path(args.data).is_file():
-        print(f"skipped: no GSM8K file at {args.data} (give --data PATH to a jsonl with `question` fields)")
+    if gsm8k_missing(args.data, "`question` fields"):
         return
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args)), flush=True)

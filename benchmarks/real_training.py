@@ -49,7 +49,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from real_common import REPO, default_gsm8k, gsm8k_rows, matmul_gflops, run_worker, smollm2_folder
+from real_common import (
+    REPO,
+    default_gsm8k,
+    gsm8k_missing,
+    gsm8k_rows,
+    matmul_gflops,
+    run_worker,
+    smollm2_folder,
+)
 
 VARIANTS = ("spin", "trl_live", "trl_precompute")
 TRAINING = REPO / "benchmarks" / "training.py"  # its --worker mode runs one trainer
@@ -274,8 +282,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    if not Path(args.data).is_file():
-        print(f"skipped: no GSM8K file at {args.data} (give --data PATH to a jsonl with question / answer)")
+    if gsm8k_missing(args.data):
         return
     if args.worker:
         work = sample_worker if args.worker == "sample" else limit_worker
