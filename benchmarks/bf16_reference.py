@@ -2,9 +2,9 @@
 
 What: SmolLM2-135M-Instruct (fp32 weights) on the first `--pairs` GSM8K questions; both sides of a pair are
 the real answer and a second real answer (the next question's, so no sampling is needed). The reference
-log-probs of every sequence are scored as spin's pairs stage does (`spin.logps.score_logps`, batches of
+log-probs of every sequence are scored as spin's pairs stage does (`spinlm.logps.score_logps`, batches of
 `--score-batch` sorted by length) once in fp32 and once under bf16 autocast; the policy's log-probs are then
-computed as spin's trainer computes them at step 0 (`spin.trainer.collate_pairs`: real sequences, then
+computed as spin's trainer computes them at step 0 (`spinlm.trainer.collate_pairs`: real sequences, then
 generated, one (2B, T) forward of `--batch-size` pairs, under bf16 autocast; `train.precision: bf16`) with
 the same weights. At step 0 policy = reference, so every log-ratio log p/p_ref should be 0: reported are
 the mean and largest |log-ratio| in nats per sequence for each way of scoring the reference, and the
@@ -38,10 +38,10 @@ def main() -> None:
         return
     import torch
 
-    from spin.config import ModelConfig
-    from spin.logps import forward_logps, score_logps
-    from spin.modeling import load_model, load_tokenizer
-    from spin.trainer import collate_pairs, featurize
+    from spinlm.config import ModelConfig
+    from spinlm.logps import forward_logps, score_logps
+    from spinlm.modeling import load_model, load_tokenizer
+    from spinlm.trainer import collate_pairs, featurize
 
     torch.set_num_threads(args.threads)
     folder = smollm2_folder()

@@ -1,6 +1,6 @@
 """The demo over several seeds, next to continued SFT at the same training budget (issue 2's check).
 
-For each seed this runs `spin.demo.run_demo` (SFT warm-up to SFT_TARGET exact match on training prompts,
+For each seed this runs `spinlm.demo.run_demo` (SFT warm-up to SFT_TARGET exact match on training prompts,
 then 3 SPIN iterations) and then, from the same SFT model, continued SFT on the same 8000 examples with the
 same optimizer, per-iteration learning rate, schedule and warmup, for the same number of optimizer steps as
 each SPIN iteration, with twice SPIN's batch (a SPIN step trains B real + B generated sequences, an SFT step
@@ -26,12 +26,12 @@ from typing import Any
 
 import torch
 
-from spin.config import scheduled
-from spin.demo import demo_config, run_demo
-from spin.evaluation import evaluate_model
-from spin.loop import load_examples
-from spin.modeling import load_model, load_tokenizer
-from spin.trainer import sft_train
+from spinlm.config import scheduled
+from spinlm.demo import demo_config, run_demo
+from spinlm.evaluation import evaluate_model
+from spinlm.loop import load_examples
+from spinlm.modeling import load_model, load_tokenizer
+from spinlm.trainer import sft_train
 
 
 def continued_sft(out: Path, seed: int, steps: list[int]) -> dict[str, Any]:

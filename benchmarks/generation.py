@@ -6,7 +6,7 @@ What: the same model and the same prompts are generated three ways, with the sam
 1. one at a time: `model.generate` per prompt (the paper's simplified loop);
 2. plain batched: `model.generate` on batches of `--batch-size` prompts in input order, left padded (what a
    competent user writes);
-3. spin: `spin.generation.generate_responses` with engine=auto, timed twice: the first call includes auto's
+3. spin: `spinlm.generation.generate_responses` with engine=auto, timed twice: the first call includes auto's
    one-off probe of every engine, the second reuses the cached choice (what every later SPIN iteration in
    the process gets). Each engine is also timed on its own.
 
@@ -18,7 +18,7 @@ Model (default): a character-level Llama, hidden 256, 4 layers (4.2M parameters)
 longer; the mean and max lengths are printed). Its training examples carry a system message of 0-48 random
 letters, so the same model serves two prompt sets:
 - default: the task's own prompts (6-10 tokens; the task has 16 distinct prompts, so 1,024 prompts repeat
-  each ~64 times, as in `spin demo` on grammar; spin's refill engine prefills identical prompts once);
+  each ~64 times, as in `spinlm demo` on grammar; spin's refill engine prefills identical prompts once);
 - `--system-prompts`: a random system message of 0-48 letters in front of each (14-68 tokens, all distinct,
   prefill-heavy: no prompt sharing, gains come from length sorting and row dropping).
 Each way runs `--repeats` times; the median wall time is reported (the machine is shared), with the CPU time
@@ -54,9 +54,9 @@ from typing import Any
 
 import torch
 
-from spin.config import GenerationConfig
-from spin.generation import _ENGINE_CACHE, generate_responses, supported_engines
-from spin.modeling import build_char_tokenizer, build_tiny_model, count_parameters, encode, render_prompt
+from spinlm.config import GenerationConfig
+from spinlm.generation import _ENGINE_CACHE, generate_responses, supported_engines
+from spinlm.modeling import build_char_tokenizer, build_tiny_model, count_parameters, encode, render_prompt
 
 log = logging.getLogger("bench")
 
@@ -70,10 +70,10 @@ def char_model(
 ) -> tuple[Any, Any, list[list[dict]]]:
     """The 4.2M-parameter char Llama SFT-trained on `grammar` with random-length system prompts
     (loaded from `cache` when a previous run saved it there)."""
-    from spin.config import ModelConfig
-    from spin.modeling import load_model, load_tokenizer, save_model
-    from spin.tasks import get_task
-    from spin.trainer import sft_train
+    from spinlm.config import ModelConfig
+    from spinlm.modeling import load_model, load_tokenizer, save_model
+    from spinlm.tasks import get_task
+    from spinlm.trainer import sft_train
 
     tok = build_char_tokenizer()
     model = build_tiny_model(tok, hidden_size=256, num_layers=4, num_heads=4, seed=seed)

@@ -27,8 +27,8 @@ def smollm2_folder(out: Path = REPO / "runs" / "smollm2") -> Path:
         return out
     import torch
 
-    from spin.config import ModelConfig
-    from spin.modeling import SMOLLM2, SMOLLM2_GGUF, load_model, load_tokenizer, save_model
+    from spinlm.config import ModelConfig
+    from spinlm.modeling import SMOLLM2, SMOLLM2_GGUF, load_model, load_tokenizer, save_model
 
     cfg = ModelConfig(name_or_path=SMOLLM2, gguf_file=SMOLLM2_GGUF)
     save_model(load_model(SMOLLM2, cfg, device=torch.device("cpu")), load_tokenizer(SMOLLM2, cfg), out)

@@ -1,4 +1,4 @@
-"""Cost versus size: one whole SPIN iteration (`spin.loop.run`) on a real model at several prompt counts.
+"""Cost versus size: one whole SPIN iteration (`spinlm.loop.run`) on a real model at several prompt counts.
 
 What: SmolLM2-135M-Instruct on GSM8K, one iteration of the game (generate a reply per training prompt,
 score both replies under the opponent, train on the pairs, evaluate) at each of `--sizes` training prompts,
@@ -11,11 +11,11 @@ bf16 autocast in training and in scoring the reference, as the policy runs) and 
 (generation.dtype: the engines sample from a bf16 copy), each ~1.7-1.8x faster on a CPU with AMX, ~3x slower without (docs/results.md).
 Evaluation runs on the same `--eval-size` held-out questions at every size: each size's data file holds
 those questions plus its first `size` others, and the held-out questions are the ones spin's own split
-(`spin.data.split_holdout`, a hash of seed and prompt) ranks first over the whole GSM8K file, so spin holds
+(`spinlm.data.split_holdout`, a hash of seed and prompt) ranks first over the whole GSM8K file, so spin holds
 out exactly them whatever else the file holds.
 
 Each size runs in a fresh process, in its own run folder `OUT/size_N` (iteration 0 evaluates the starting
-model first, as every `spin run` does). The seconds per stage come from `iteration_1/metrics.json`
+model first, as every `spinlm run` does). The seconds per stage come from `iteration_1/metrics.json`
 (`seconds_generate`, `seconds_score`, `seconds_train`, `seconds_eval`). Reported: seconds per stage per
 1,000 training prompts at each size and its ratio to the smallest size (the target: linear, every ratio
 within 1 +- 0.2); evaluation is on a fixed set, so its seconds are reported as they are (ratio ~1 expected).
@@ -25,7 +25,7 @@ the padded batches scoring and training ran, recomputed from the run folder the 
 seconds per 1,000 of them, and each stage's least-squares line `seconds = fixed + per_prompt * size` over
 the sizes (with its largest relative residual: a super-linear stage would show as a bent line).
 
-Resumable: rerunning the same command reuses every run folder; `spin.loop.run` resumes each after its last
+Resumable: rerunning the same command reuses every run folder; `spinlm.loop.run` resumes each after its last
 finished stage (a finished size costs only loading the model, and keeps the peak RSS its measuring run
 wrote to results.json). A folder refuses other settings: change `--out` with them.
 
@@ -54,7 +54,7 @@ COLUMNS = {"prompt": "question", "response": "answer"}
 
 
 def data_config(path: Path) -> Any:
-    from spin.config import DataConfig
+    from spinlm.config import DataConfig
 
     return DataConfig(path=str(path), columns=COLUMNS, answer_pattern="gsm8k")
 
@@ -63,7 +63,7 @@ def write_data(args: argparse.Namespace, size: int) -> Path:
     """OUT/data/gsm8k_N.jsonl: the fixed held-out questions, then the first `size` other questions.
 
     The same file at every run (held-out first: spin's split does not depend on the order)."""
-    from spin.data import load_sft_examples, prompt_key, split_holdout
+    from spinlm.data import load_sft_examples, prompt_key, split_holdout
 
     path = Path(args.out) / "data" / f"gsm8k_{size}.jsonl"
     if path.is_file():
@@ -86,7 +86,7 @@ def write_data(args: argparse.Namespace, size: int) -> Path:
 
 def spin_config(args: argparse.Namespace, size: int) -> Any:
     """The run's whole configuration: everything but the data file is the same at every size."""
-    from spin.config import load_config
+    from spinlm.config import load_config
 
     folder = Path(args.model) if args.model else smollm2_folder()
     settings: dict[str, Any] = {
@@ -118,7 +118,7 @@ def spin_config(args: argparse.Namespace, size: int) -> Any:
 
 
 def worker(args: argparse.Namespace, size: int) -> dict[str, Any]:
-    """One size's run folder, played (or resumed) to the end by `spin.loop.run` in this fresh process."""
+    """One size's run folder, played (or resumed) to the end by `spinlm.loop.run` in this fresh process."""
     import logging
     import os
 
@@ -129,7 +129,7 @@ def worker(args: argparse.Namespace, size: int) -> dict[str, Any]:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    from spin.loop import run
+    from spinlm.loop import run
 
     start = time.perf_counter()
     run(spin_config(args, size))
@@ -160,15 +160,15 @@ def stage_work(args: argparse.Namespace, size: int) -> dict[str, Any]:
     """The work each stage did at this size, recomputed from its run folder the way spin batches it.
 
     generate: sampled tokens (`num_tokens` in the generation shards) and prompt tokens (each prefilled once);
-    score: positions of the (B, T) batches `spin.logps.score_logps` ran (each side sorted by length,
+    score: positions of the (B, T) batches `spinlm.logps.score_logps` ran (each side sorted by length,
     `eval.batch_size` rows, padded to the batch's longest) and the real tokens among them; train: positions
-    of the (2B, T) micro-batches in `spin.trainer.plan_batches`' order (padded to the longest real or
+    of the (2B, T) micro-batches in `spinlm.trainer.plan_batches`' order (padded to the longest real or
     generated sequence of the batch) and the real tokens among them."""
-    from spin.config import scheduled
-    from spin.io import read_jsonl
-    from spin.logps import encode_all
-    from spin.modeling import load_tokenizer
-    from spin.trainer import featurize, plan_batches
+    from spinlm.config import scheduled
+    from spinlm.io import read_jsonl
+    from spinlm.logps import encode_all
+    from spinlm.modeling import load_tokenizer
+    from spinlm.trainer import featurize, plan_batches
 
     cfg = spin_config(args, size)
     it1 = Path(cfg.output_dir) / "iteration_1"

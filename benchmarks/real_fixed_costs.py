@@ -7,14 +7,14 @@ where the fixed part is: warm-up (the first call meets every tensor shape for th
 its kernels per shape, above all for bf16 on AMX, and the allocator grows) or the end of each call (the
 refill engine's last batch drains row by row; the last scoring batch is short).
 
-What, in one fresh process: SmolLM2-135M-Instruct (fp32 weights, as `spin run` loads it), the first
+What, in one fresh process: SmolLM2-135M-Instruct (fp32 weights, as `spinlm run` loads it), the first
 `--prompts` GSM8K questions as user turns, and for each stage:
 
-1. generate: `spin.generation.generate_responses` (engine `refill`, batch `--gen-batch-size`, at most
+1. generate: `spinlm.generation.generate_responses` (engine `refill`, batch `--gen-batch-size`, at most
    `--max-new-tokens` tokens, temperature 1, top_k 0, `generation.dtype` `--gen-dtype`, seed 0) on the
    prompts: call 1 (cold), call 2 on the same prompts (warm), then warm calls on each of `--warm-sizes`
    prompts;
-2. score: `spin.logps.score_logps` of the GSM8K answers (`--eval-batch-size` sequences per batch, max_length
+2. score: `spinlm.logps.score_logps` of the GSM8K answers (`--eval-batch-size` sequences per batch, max_length
    512, under bf16 CPU autocast with `--precision bf16`, as the pairs stage scores) in the same order: cold,
    warm, then the warm sizes.
 
@@ -57,10 +57,10 @@ def timed_calls(call: Any, n: int, warm_sizes: list[int]) -> dict[str, Any]:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from spin.config import GenerationConfig, ModelConfig
-    from spin.generation import generate_responses
-    from spin.logps import score_logps
-    from spin.modeling import load_model, load_tokenizer
+    from spinlm.config import GenerationConfig, ModelConfig
+    from spinlm.generation import generate_responses
+    from spinlm.logps import score_logps
+    from spinlm.modeling import load_model, load_tokenizer
 
     torch.set_num_threads(args.threads)
     folder = Path(args.model) if args.model else smollm2_folder()

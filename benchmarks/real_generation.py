@@ -8,7 +8,7 @@ top_p 1, at most `--max-new-tokens` new tokens, stop at end of turn. Each way ru
    on the first K prompts only, since it is by far the slowest: its rates stay comparable);
 2. `hf_batchB` for each B in `--hf-batch-sizes` (default 32 and 64): plain `model.generate` on batches of B
    prompts in input order, left padded (what a competent user writes);
-3. `spin_refill`, `spin_generate`, `spin_continuous`: `spin.generation.generate_responses` with that engine
+3. `spin_refill`, `spin_generate`, `spin_continuous`: `spinlm.generation.generate_responses` with that engine
    and batch `--batch-size` (`--continuous-prompts K`: `spin_continuous` on the first K prompts only, as
    `--one-prompts` for `hf_one`) (the one-prompt and HF loops are `benchmarks/vllm_generation.py`'s `hf_batched`).
 
@@ -56,7 +56,7 @@ def all_ways(args: argparse.Namespace) -> list[str]:
 
 
 def generation_config(args: argparse.Namespace, batch_size: int, engine: str = "refill") -> Any:
-    from spin.config import GenerationConfig
+    from spinlm.config import GenerationConfig
 
     # One shard: shards only matter for resuming, and a shard boundary would cut the refill engine's batch.
     return GenerationConfig(
@@ -73,8 +73,8 @@ def generation_config(args: argparse.Namespace, batch_size: int, engine: str = "
 def load(args: argparse.Namespace) -> tuple[Any, Any]:
     import torch
 
-    from spin.config import ModelConfig
-    from spin.modeling import load_model, load_tokenizer
+    from spinlm.config import ModelConfig
+    from spinlm.modeling import load_model, load_tokenizer
 
     folder = Path(args.model) if args.model else smollm2_folder()
     tok = load_tokenizer(folder, ModelConfig())
@@ -84,7 +84,7 @@ def load(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def generate_way(way: str, model: Any, tok: Any, prompts: list[list[dict]], args: argparse.Namespace) -> int:
     """Generate with `way`; the generated tokens (end of turn included) in all."""
-    from spin.generation import _eos_ids, generate_responses
+    from spinlm.generation import _eos_ids, generate_responses
 
     if way == "hf_one":  # a batch of one: no padding, the prompt alone
         return hf_batched(model, tok, prompts, generation_config(args, 1), _eos_ids(model, tok))
@@ -103,7 +103,7 @@ def worker(way: str, args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     if way == "matmul":
         return {"gflops": matmul_gflops(args.threads, device=args.device, dtype=args.dtype)}
-    from spin.modeling import count_parameters
+    from spinlm.modeling import count_parameters
 
     model, tok = load(args)
     prompts = gsm8k_prompts(Path(args.data), args.prompts)

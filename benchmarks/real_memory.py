@@ -4,7 +4,7 @@ What it measures: the peak resident memory (VmHWM of /proc/self/status, reset be
 /proc/self/clear_refs) of each phase of an iteration, on the issue's settings (batch 4, max_length 768):
 loading the model, scoring the reference log-probs (eval.batch_size sequences per forward), and training
 steps with and without gradient checkpointing, under glibc's default malloc and under spin's setting (a
-1 MiB mmap threshold, `spin.memory.limit_heap_growth`). Each configuration runs in a fresh subprocess.
+1 MiB mmap threshold, `spinlm.memory.limit_heap_growth`). Each configuration runs in a fresh subprocess.
 
 Pairs: GSM8K train questions with their real answers as chosen, and as rejected a real answer of another
 question repeated to 256 tokens (the length SmolLM2's temperature-1 samples often run to), so no generation
@@ -57,13 +57,13 @@ def worker(model_dir: str, gc: bool, heap: bool, steps: int, n_pairs: int) -> di
     import torch
 
     if heap:
-        from spin.memory import limit_heap_growth
+        from spinlm.memory import limit_heap_growth
 
         limit_heap_growth()
-    from spin.config import ModelConfig, TrainConfig
-    from spin.logps import score_logps
-    from spin.modeling import load_model, load_tokenizer
-    from spin.trainer import train_iteration
+    from spinlm.config import ModelConfig, TrainConfig
+    from spinlm.logps import score_logps
+    from spinlm.modeling import load_model, load_tokenizer
+    from spinlm.trainer import train_iteration
 
     torch.manual_seed(0)
     out: dict[str, Any] = {"start_gb": _rss_gb()}

@@ -12,25 +12,25 @@ chat model on a real task. Per seed (`--seeds`):
    on a part of GSM8K train disjoint from everything else used here (AdamW, `--warmup-lr`, linear schedule,
    warmup 0.1) and records the per-token NLL of a further disjoint 200-row validation part every
    `--warmup-every` steps (results.json: `warmup.curve`), so the start has seen GSM8K's answer format.
-2. SPIN: `spin.loop.run` for `--iterations` (3) iterations on `--prompts` N (256) GSM8K train prompts.
-3. Continued SFT from the same start on the same N prompts and real answers (`spin.trainer.sft_train`),
+2. SPIN: `spinlm.loop.run` for `--iterations` (3) iterations on `--prompts` N (256) GSM8K train prompts.
+3. Continued SFT from the same start on the same N prompts and real answers (`spinlm.trainer.sft_train`),
    with the same optimizer (RMSprop), learning rate per iteration, schedule (linear, warmup 0.1), gradient
    clipping (1.0), max_length and number of optimizer steps as each SPIN iteration, and twice SPIN's batch:
    a SPIN step trains B real + B generated sequences, an SFT step 2B real ones, so both train the same
    number of sequences per iteration (2 * N * epochs). A fresh optimizer and schedule per iteration, as SPIN
-   has. Each iteration's model is saved (`spin.modeling.save_model`) and scored by the same code as SPIN's.
-4. Evaluation of the start and of every iteration of both methods with `spin.evaluation.evaluate_model`
+   has. Each iteration's model is saved (`spinlm.modeling.save_model`) and scored by the same code as SPIN's.
+4. Evaluation of the start and of every iteration of both methods with `spinlm.evaluation.evaluate_model`
    (identical config and seeds for both, `task: gsm8k`) on the first `--eval-size` (250) questions of GSM8K
    TEST: answer_exact_match (greedy), loglik_real_per_token, final_answer_rate, sample_final_answer_rate,
    gen_len_w1, calc_accuracy, sample_calc_accuracy and discriminability (p_t against p_{t-1} of the same
    method on p_{t-1}'s samples; SPIN's own game statistic, shown for SFT where it is defined the same way).
 
 How the test rows stay held out. spin's loop holds out `data.eval_size` prompts ranked by a seeded hash
-(`spin.data.split_holdout`), not chosen rows, so its split cannot be made to be exactly the test rows.
+(`spinlm.data.split_holdout`), not chosen rows, so its split cannot be made to be exactly the test rows.
 Instead the data file the loop reads (OUT/seedS/data/train.jsonl) holds only GSM8K TRAIN rows: N + 1 of
 them with `data.eval_size: 1` (the loop needs at least one held-out prompt for its own per-iteration
 metrics; which one it holds out is its choice, and the N it trains on are read back with
-`spin.loop.load_examples`, the loop's own function, for SFT). The test rows are never in any file a model
+`spinlm.loop.load_examples`, the loop's own function, for SFT). The test rows are never in any file a model
 trains on; this script evaluates every checkpoint (`iteration_t/model` of SPIN, `sft/iteration_t/model`)
 on them itself. Train rows whose question equals a test question used would be dropped (GSM8K has none).
 
@@ -67,7 +67,7 @@ A quick smoke run (CPU, minutes):
 Writes OUT/results.json (settings, recipe, deviations, data layout, every metric of every evaluation, SFT
 losses, steps, wall seconds per stage) and OUT/results.md (per metric: iteration 0..T x method, mean and
 min..max over seeds; the settings; the time taken), and prints the tables. Per seed, OUT/seedS/ holds
-`data/` (the JSONL files read), `warmup/` (with --warmup-steps), `spin/` (the spin run folder), `sft/`
+`data/` (the JSONL files read), `warmup/` (with --warmup-steps), `spin/` (the spinlm run folder), `sft/`
 (`iteration_t/model`, `sft.json`, `.sft.done`) and `eval/` (`start.json`, `spin_t.json`, `sft_t.json`: the
 metrics, the EvalState the next iteration's discriminability needs, sample replies; `*.answers.jsonl`: every
 scored greedy answer).
@@ -90,18 +90,18 @@ from typing import Any
 
 import torch
 
-import spin.loop
-from spin.config import DataConfig, SpinConfig, load_config, scheduled
-from spin.data import Example, load_sft_examples
-from spin.errors import SpinError
-from spin.evaluation import EvalState, evaluate_model
-from spin.io import atomic_write_text, is_done, mark_done, read_json, read_jsonl, write_json
-from spin.logps import encode_all, score_logps
-from spin.modeling import default_device, load_model, load_tokenizer, save_model
-from spin.runtime import apply_settings
-from spin.trainer import plan_batches, resolve_precision, sft_train
+import spinlm.loop
+from spinlm.config import DataConfig, SpinConfig, load_config, scheduled
+from spinlm.data import Example, load_sft_examples
+from spinlm.errors import SpinError
+from spinlm.evaluation import EvalState, evaluate_model
+from spinlm.io import atomic_write_text, is_done, mark_done, read_json, read_jsonl, write_json
+from spinlm.logps import encode_all, score_logps
+from spinlm.modeling import default_device, load_model, load_tokenizer, save_model
+from spinlm.runtime import apply_settings
+from spinlm.trainer import plan_batches, resolve_precision, sft_train
 
-log = logging.getLogger("spin.bench")
+log = logging.getLogger("spinlm.bench")
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
 COLUMNS = {"prompt": "question", "response": "answer"}
@@ -308,7 +308,7 @@ def warm_up(s: Settings, cfg: SpinConfig, base: str, root: Path) -> dict[str, An
 
 
 def run_spin(cfg: SpinConfig) -> dict[str, Any]:
-    """`spin.loop.run` (it resumes by itself); skipped when its summary already holds every iteration.
+    """`spinlm.loop.run` (it resumes by itself); skipped when its summary already holds every iteration.
 
     Returns per iteration t >= 1 the optimizer steps it logged, its pair statistics and its wall seconds
     (`seconds_generate`, `seconds_score`, `seconds_train`; `seconds_eval` is the loop's own evaluation of
@@ -317,7 +317,7 @@ def run_spin(cfg: SpinConfig) -> dict[str, Any]:
     summary_path = run_dir / "summary.json"
     done = summary_path.exists() and len(read_json(summary_path)["iterations"]) > cfg.train.iterations
     if not done:
-        spin.loop.run(cfg)
+        spinlm.loop.run(cfg)
     out = []
     for t in range(1, cfg.train.iterations + 1):
         it = run_dir / f"iteration_{t}"
@@ -470,7 +470,7 @@ def run_seed(s: Settings, seed: int, base: str, test: list[Example]) -> dict[str
         cfg = spin_config(s, seed, str(root / "warmup" / "model"), Path(cfg.data.path or ""), root / "spin")
     start = str(cfg.model.name_or_path)
     # Exactly the N prompts the loop trains on (it holds out LOOP_HELD_OUT of the N + 1 rows itself).
-    train, held_out, data_stats = spin.loop.load_examples(cfg, load_tokenizer(start, cfg.model))
+    train, held_out, data_stats = spinlm.loop.load_examples(cfg, load_tokenizer(start, cfg.model))
     if len(train) != s.prompts:
         raise SpinError(
             f"the loop would train on {len(train)} prompts, not {s.prompts} (duplicate questions?)"
@@ -578,7 +578,7 @@ def timing_table(results: list[dict[str, Any]], iterations: int) -> list[str]:
     eval_s = sum(sum(r["eval"]["seconds"].values()) for r in results)
     warm_s = sum((r["warmup"] or {}).get("seconds", 0.0) for r in results)
     lines.append(
-        f"Time taken, all seeds, as recorded per stage: SPIN {spin_s:.0f} s (iterations 1..T of spin.loop.run: "
+        f"Time taken, all seeds, as recorded per stage: SPIN {spin_s:.0f} s (iterations 1..T of spinlm.loop.run: "
         f"generate, score, train, its own 1-prompt evaluation), continued SFT {sft_s:.0f} s, evaluations "
         f"{eval_s:.0f} s, warm-up {warm_s:.0f} s; in all {spin_s + sft_s + eval_s + warm_s:.0f} s."
     )
@@ -670,7 +670,7 @@ def parse_args(argv: list[str] | None = None) -> Settings:
 
 
 # Settings that may change between invocations on one OUT: where things are, which seeds, how many
-# iterations (spin.loop.run extends a run), CPU threads. Any other change would mix results of two recipes.
+# iterations (spinlm.loop.run extends a run), CPU threads. Any other change would mix results of two recipes.
 RESUMABLE = ("out", "data_dir", "seeds", "iterations", "threads")
 
 

@@ -15,8 +15,8 @@ by these pairs, so neither trainer truncates), clipping 1.0, beta 0.1, sigmoid l
 CPU), no dropout; gradient checkpointing on for both as in spin's default, non-reentrant, or off for both
 with `--no-gradient-checkpointing`):
 
-- `spin`: the reference pass (`spin.logps.score_logps`, as `spin run` does when it builds the pairs), then
-  `spin.trainer.train_iteration`;
+- `spin`: the reference pass (`spinlm.logps.score_logps`, as `spinlm run` does when it builds the pairs), then
+  `spinlm.trainer.train_iteration`;
 - `trl_live`: `DPOTrainer` with a live reference model (a second copy, one extra forward per step);
 - `trl_precompute`: `DPOTrainer(precompute_ref_log_probs=True)` (the reference pass in its constructor).
 
@@ -82,10 +82,10 @@ def sample_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
-    from spin.config import GenerationConfig, ModelConfig
-    from spin.generation import generate_responses
-    from spin.io import write_jsonl
-    from spin.modeling import load_model, load_tokenizer
+    from spinlm.config import GenerationConfig, ModelConfig
+    from spinlm.generation import generate_responses
+    from spinlm.io import write_jsonl
+    from spinlm.modeling import load_model, load_tokenizer
 
     folder = model_folder(args)
     tok = load_tokenizer(folder, ModelConfig())
@@ -115,7 +115,7 @@ def limit_worker(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from spin.modeling import count_parameters
+    from spinlm.modeling import count_parameters
 
     gflops = matmul_gflops(args.threads)
     with torch.device("meta"):
@@ -186,7 +186,7 @@ def build_pairs(args: argparse.Namespace, tok: Any) -> list[dict[str, Any]]:
 
 def count_tokens(tok: Any, pairs: list[dict[str, Any]], max_length: int) -> tuple[int, int]:
     """(trained tokens of both sequences of every pair, the longest sequence), as spin tokenises them."""
-    from spin.logps import encode_all
+    from spinlm.logps import encode_all
 
     prompts = [p["prompt"] for p in pairs]
     lengths = [
@@ -295,8 +295,8 @@ def main() -> None:
     if (work / "model").is_symlink() or (work / "model").exists():
         (work / "model").unlink()
     (work / "model").symlink_to(folder)  # training.py's workers load WORKDIR/model
-    from spin.config import ModelConfig
-    from spin.modeling import load_tokenizer
+    from spinlm.config import ModelConfig
+    from spinlm.modeling import load_tokenizer
 
     tok = load_tokenizer(folder, ModelConfig())
     pairs = build_pairs(args, tok)

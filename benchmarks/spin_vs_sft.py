@@ -5,11 +5,11 @@ plateaued, more SFT epochs on the same data stop helping, while SPIN iterations 
 replies keep improving the model. This script checks that claim at small scale, on both built-in tasks:
 
 1. SFT to a plateau. A tiny character Llama is SFT-trained on a fixed set of `--sft-examples` examples
-   (`spin.trainer.sft_train`, in chunks of `--chunk-steps` steps, each chunk one cosine cycle). After every
+   (`spinlm.trainer.sft_train`, in chunks of `--chunk-steps` steps, each chunk one cosine cycle). After every
    chunk the per-token NLL on a separate VALIDATION set (not the test set) is measured; training stops when
    it has not improved by `--plateau-tol` (relative) for `--plateau-patience` chunks, and the best chunk is
    kept. The whole curve is written to results.json and summarised in the table ("plateau" column).
-2. SPIN: `spin.loop.run` for 3 iterations from that model, on the same training examples.
+2. SPIN: `spinlm.loop.run` for 3 iterations from that model, on the same training examples.
 3. Continued SFT: `sft_train` from the same model, on the same training examples, for the same number of
    optimizer steps per iteration, with twice SPIN's batch. Compute is matched in forward+backward
    SEQUENCES: each SPIN step runs B real + B generated sequences, each SFT step 2B real ones (same
@@ -45,16 +45,16 @@ from typing import Any
 
 import torch
 
-import spin.loop
-from spin.config import SpinConfig, load_config, scheduled
-from spin.evaluation import evaluate_model
-from spin.logps import encode_all, score_logps
-from spin.loop import load_examples
-from spin.modeling import build_char_tokenizer, build_tiny_model, load_model, load_tokenizer, save_model
-from spin.tasks import get_task
-from spin.trainer import sft_train
+import spinlm.loop
+from spinlm.config import SpinConfig, load_config, scheduled
+from spinlm.evaluation import evaluate_model
+from spinlm.logps import encode_all, score_logps
+from spinlm.loop import load_examples
+from spinlm.modeling import build_char_tokenizer, build_tiny_model, load_model, load_tokenizer, save_model
+from spinlm.tasks import get_task
+from spinlm.trainer import sft_train
 
-log = logging.getLogger("spin.bench")
+log = logging.getLogger("spinlm.bench")
 
 # Per task: the SFT set, test set, model size, reply length, and the metrics the table shows.
 TASKS: dict[str, dict[str, Any]] = {
@@ -189,10 +189,10 @@ def make_cfg(task: str, seed: int, s: Settings, run_dir: Path, sft_dir: Path, ex
 
 
 class _Timed:
-    """Wraps a function of spin.loop and adds up the seconds spent in it."""
+    """Wraps a function of spinlm.loop and adds up the seconds spent in it."""
 
     def __init__(self, name: str) -> None:
-        self.name, self.fn, self.seconds = name, getattr(spin.loop, name), 0.0
+        self.name, self.fn, self.seconds = name, getattr(spinlm.loop, name), 0.0
 
     def __enter__(self) -> _Timed:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
@@ -202,17 +202,17 @@ class _Timed:
             finally:
                 self.seconds += time.perf_counter() - t0
 
-        setattr(spin.loop, self.name, wrapped)
+        setattr(spinlm.loop, self.name, wrapped)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        setattr(spin.loop, self.name, self.fn)
+        setattr(spinlm.loop, self.name, self.fn)
 
 
 def run_spin(cfg: SpinConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     with _Timed("make_iteration_pairs") as pairs_t, _Timed("train_iteration") as train_t:
-        summary = spin.loop.run(cfg)
+        summary = spinlm.loop.run(cfg)
     run_dir = Path(cfg.output_dir)
     tok = load_tokenizer(run_dir / "iteration_1" / "model", cfg.model)
     steps, tokens, gen_tokens = [], [], []

@@ -9,8 +9,8 @@ that variant's alone):
   step): the paper's simplified setup, and what the official SPIN code does.
 - `trl_precompute`: `DPOTrainer(precompute_ref_log_probs=True)`: one reference pass before training (inside
   the trainer's constructor), then one model.
-- `spin`: the reference pass (`spin.logps.score_logps`, what `spin run` does when it builds the pairs), then
-  `spin.trainer.train_iteration`. Training time and the reference pass are reported separately and summed.
+- `spin`: the reference pass (`spinlm.logps.score_logps`, what `spinlm run` does when it builds the pairs), then
+  `spinlm.trainer.train_iteration`. Training time and the reference pass are reported separately and summed.
 
 Per variant: wall time of the reference pass (if any) and of training, pairs/s of training alone and of
 reference + training, tokens/s, peak memory (CPU: peak RSS of the process, `ru_maxrss`; GPU:
@@ -83,7 +83,7 @@ def build_model(args: argparse.Namespace, tokenizer: Any) -> Any:
             eos_token_id=tokenizer.eos_token_id,
         )
         return Qwen2ForCausalLM(config)
-    from spin.modeling import build_tiny_model
+    from spinlm.modeling import build_tiny_model
 
     return build_tiny_model(
         tokenizer,
@@ -136,16 +136,16 @@ def peak_memory_mb(device: Any) -> float:
 
 
 def run_spin(args: argparse.Namespace, work: Path, pairs: list[dict], device: Any, dtype: Any) -> dict:
-    from spin.config import ModelConfig, TrainConfig
-    from spin.logps import score_logps
-    from spin.modeling import load_model, load_tokenizer
-    from spin.trainer import train_iteration
+    from spinlm.config import ModelConfig, TrainConfig
+    from spinlm.logps import score_logps
+    from spinlm.modeling import load_model, load_tokenizer
+    from spinlm.trainer import train_iteration
 
     tokenizer = load_tokenizer(work / "model", ModelConfig())
     model = load_model(work / "model", ModelConfig(), device=device, dtype=dtype)
     prompts = [p["prompt"] for p in pairs]
     t0, c0 = time.perf_counter(), time.process_time()
-    # The reference pass of `spin run`: both sides scored by the opponent, 2B sequences per batch as in training.
+    # The reference pass of `spinlm run`: both sides scored by the opponent, 2B sequences per batch as in training.
     real = score_logps(
         model,
         tokenizer,
@@ -209,8 +209,8 @@ def run_trl(
     from transformers import AutoModelForCausalLM
     from trl import DPOConfig, DPOTrainer
 
-    from spin.config import ModelConfig
-    from spin.modeling import load_tokenizer
+    from spinlm.config import ModelConfig
+    from spinlm.modeling import load_tokenizer
 
     tokenizer = load_tokenizer(work / "model", ModelConfig())
     model = AutoModelForCausalLM.from_pretrained(str(work / "model"), dtype=dtype).to(device)
@@ -279,11 +279,11 @@ def worker(args: argparse.Namespace) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # What each trainer imports (spin does not need trl or datasets), before any model exists: the baseline.
     if args.worker == "spin":
-        import spin.trainer  # noqa: F401
+        import spinlm.trainer  # noqa: F401
     else:
         import datasets  # noqa: F401
         import trl  # noqa: F401
-    from spin.modeling import default_device
+    from spinlm.modeling import default_device
 
     device = default_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -353,7 +353,7 @@ def main() -> None:
 
     import torch
 
-    from spin.modeling import build_char_tokenizer, count_parameters, save_model
+    from spinlm.modeling import build_char_tokenizer, count_parameters, save_model
 
     if args.qwen and not torch.cuda.is_available():
         print("--qwen needs a CUDA GPU (bf16, Qwen2-0.5B shape); none is available here", file=sys.stderr)

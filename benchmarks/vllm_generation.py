@@ -4,7 +4,7 @@ What: SmolLM2-135M-Instruct (float32), the first `--prompts` GSM8K training ques
 chat template adds its default system prompt), temperature 1, no top-k / top-p, at most `--max-new-tokens`
 new tokens, stop at end of turn. Three ways, each in its own fresh process, back to back in one run:
 
-1. `vllm`: spin's vLLM engine (`spin.vllm_engine.VllmEngine`: vLLM's offline `LLM` on the model folder,
+1. `vllm`: spin's vLLM engine (`spinlm.vllm_engine.VllmEngine`: vLLM's offline `LLM` on the model folder,
    spin's prompt ids); start-up = importing vLLM + starting the engine (model load, KV cache, workers);
 2. `refill`: `generate_responses(engine=refill, batch_size=--batch-size)`; start-up = loading the model;
 3. `hf`: plain batched `model.generate(do_sample=True, temperature=1, top_k=0)` on batches of `--batch-size`
@@ -47,9 +47,9 @@ def worker(way: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
-    from spin.config import GenerationConfig, ModelConfig
-    from spin.generation import _eos_ids, generate_responses
-    from spin.modeling import encode, load_model, load_tokenizer, render_prompt
+    from spinlm.config import GenerationConfig, ModelConfig
+    from spinlm.generation import _eos_ids, generate_responses
+    from spinlm.modeling import encode, load_model, load_tokenizer, render_prompt
 
     sys.path.insert(0, str(REPO / "benchmarks"))
     from real_common import smollm2_folder
@@ -62,8 +62,8 @@ def worker(way: str, args: argparse.Namespace) -> dict[str, Any]:
     tok = load_tokenizer(folder, ModelConfig())
     model = load_model(folder, ModelConfig(dtype="float32"), device=torch.device("cpu")).eval()
     if way == "vllm":
-        from spin.engines import Sampler, Spec
-        from spin.vllm_engine import VllmEngine
+        from spinlm.engines import Sampler, Spec
+        from spinlm.vllm_engine import VllmEngine
 
         cfg = replace(cfg, engine="vllm")
         ids = [encode(tok, render_prompt(tok, p)) for p in prompts]
@@ -94,7 +94,7 @@ def hf_batched(model: Any, tok: Any, prompts: list[list[dict]], cfg: Any, eos: f
     """Plain `model.generate` sampling on left-padded batches in input order; generated tokens in all."""
     import torch
 
-    from spin.modeling import render_prompt
+    from spinlm.modeling import render_prompt
 
     tok.padding_side = "left"
     tokens = 0

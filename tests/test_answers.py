@@ -1,4 +1,4 @@
-"""Answer extraction (spin.answers): presets, line-by-line regexes, number normalisation, and the per-answer
+"""Answer extraction (spinlm.answers): presets, line-by-line regexes, number normalisation, and the per-answer
 file a run keeps so a user can see why a reply scored 0."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from spin.answers import compile_answer_pattern, extract_answer, find_answer, normalize_answer
-from spin.config import DataConfig
-from spin.data import Example, load_sft_examples
-from spin.errors import SpinError
-from spin.evaluation import answer_rows
+from spinlm.answers import compile_answer_pattern, extract_answer, find_answer, normalize_answer
+from spinlm.config import DataConfig
+from spinlm.data import Example, load_sft_examples
+from spinlm.errors import SpinError
+from spinlm.evaluation import answer_rows
 
 SMOLLM_STYLE = "Natalia sold 48 + 24 = 72 clips.\n#### 72\nThe answer is: 72"
 

@@ -1,11 +1,11 @@
-"""Bad input, through the CLI: one line `spin: error: ...` naming the problem, where, and what to do; exit 2;
+"""Bad input, through the CLI: one line `spinlm: error: ...` naming the problem, where, and what to do; exit 2;
 no traceback; nothing already written overwritten.
 
-Each test runs `spin.cli.main(["run", recipe, ...])` in-process on the tiny model with a bad data file, model
+Each test runs `spinlm.cli.main(["run", recipe, ...])` in-process on the tiny model with a bad data file, model
 folder, output folder or config (one subprocess test checks the real console output). Inputs that are
 merely odd (duplicate prompts, over-long prompts) are not errors: they are handled by policy and counted in
 summary.json's "data" statistics, which is checked too. Also here: a full disk (simulated inside
-`spin.io.atomic_write_text` and from deeper code) and a NaN loss in training (stop, name the step, keep the
+`spinlm.io.atomic_write_text` and from deeper code) and a NaN loss in training (stop, name the step, keep the
 last trainer checkpoint, resume from it on the next run).
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 import torch
 
-from spin.cli import main
+from spinlm.cli import main
 
 GOOD_ROWS = [
     {"messages": [{"role": "user", "content": f"{i}+{i}="}, {"role": "assistant", "content": str(2 * i)}]}
@@ -55,13 +55,13 @@ eval: {{batch_size: 16, num_samples: 1}}
 
 
 def fails(capsys: pytest.CaptureFixture[str], recipe: Path, *overrides: str) -> str:
-    """Run the CLI, expect exit 2 and exactly one stderr line `spin: error: ...`; return that line."""
+    """Run the CLI, expect exit 2 and exactly one stderr line `spinlm: error: ...`; return that line."""
     capsys.readouterr()
     code = main(["run", str(recipe), *overrides])
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("spin: error: "), err
+    assert len(lines) == 1 and lines[0].startswith("spinlm: error: "), err
     return lines[0]
 
 
@@ -160,8 +160,8 @@ def test_all_prompts_too_long(recipe: Path, capsys: pytest.CaptureFixture[str]) 
 def test_tokenizer_without_chat_template(
     recipe: Path, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from spin.config import ModelConfig
-    from spin.modeling import CHAR_CHAT_TEMPLATE, load_tokenizer
+    from spinlm.config import ModelConfig
+    from spinlm.modeling import CHAR_CHAT_TEMPLATE, load_tokenizer
 
     model = tmp_path / "no_template"
     shutil.copytree(tiny_model_dir, model)
@@ -209,7 +209,7 @@ def test_output_folder_under_a_file(recipe: Path, tmp_path: Path, capsys: pytest
 def test_full_disk_keeps_the_earlier_files(
     recipe: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import spin.io
+    import spinlm.io
 
     assert main(["run", str(recipe)]) == 0
     run = recipe.parent / "run"
@@ -237,7 +237,7 @@ def test_full_disk_keeps_the_earlier_files(
 
         return Full()
 
-    monkeypatch.setattr(spin.io, "open", full_disk_open, raising=False)
+    monkeypatch.setattr(spinlm.io, "open", full_disk_open, raising=False)
     line = fails(capsys, recipe)
     assert "no space left on device while writing" in line and "config.yaml" in line and "rerun" in line
     after = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
@@ -247,16 +247,18 @@ def test_full_disk_keeps_the_earlier_files(
 def test_oserror_from_anywhere_is_one_line(
     recipe: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import spin.api
+    import spinlm.api
 
     def disk_full(*args: Any, **kwargs: Any) -> None:
         raise OSError(
             errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/x/iteration_1/model.tmp/model.safetensors"
         )
 
-    monkeypatch.setattr(spin.api, "run", disk_full)
+    monkeypatch.setattr(spinlm.api, "run", disk_full)
     line = fails(capsys, recipe)
-    assert line.startswith("spin: error: no space left on device while writing /runs/x/iteration_1/model.tmp")
+    assert line.startswith(
+        "spinlm: error: no space left on device while writing /runs/x/iteration_1/model.tmp"
+    )
     with pytest.raises(OSError):
         main(["--debug", "run", str(recipe)])  # --debug keeps the traceback
 
@@ -277,7 +279,7 @@ def test_oserror_from_anywhere_is_one_line(
 )
 def test_bad_config(recipe: Path, capsys: pytest.CaptureFixture[str], override: str, expected: str) -> None:
     line = fails(capsys, recipe, override)
-    assert line.startswith(f"spin: error: {expected}"), line
+    assert line.startswith(f"spinlm: error: {expected}"), line
     assert not (recipe.parent / "run").exists()
 
 
@@ -303,7 +305,7 @@ def test_nan_loss_stops_keeps_the_checkpoint_and_resumes(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    import spin.trainer as train_module
+    import spinlm.trainer as train_module
 
     real_loss, calls = train_module.spin_loss, {"n": 0}
 
@@ -331,7 +333,7 @@ def test_nan_loss_stops_keeps_the_checkpoint_and_resumes(
 
     monkeypatch.setattr(train_module, "spin_loss", real_loss)
     capsys.readouterr()
-    with caplog.at_level(logging.INFO, logger="spin"):
+    with caplog.at_level(logging.INFO, logger="spinlm"):
         assert main(["run", str(recipe), *overrides]) == 0
     assert "iteration 1: resuming training at step 2 of 4" in caplog.text
     steps = [json.loads(r)["step"] for r in (it1 / "train_log.jsonl").read_text().splitlines()]
@@ -348,10 +350,10 @@ def test_console_shows_one_line_and_no_traceback(recipe: Path) -> None:
     (recipe.parent / "data.jsonl").write_text(jsonl(GOOD_ROWS) + "[1, 2]\n", encoding="utf-8")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "spin.cli", "run", str(recipe)], capture_output=True, text=True, env=env
+        [sys.executable, "-m", "spinlm.cli", "run", str(recipe)], capture_output=True, text=True, env=env
     )
     assert proc.returncode == 2
-    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("spin: error: "), proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("spinlm: error: "), proc.stderr
     assert "data.jsonl:11" in proc.stderr and "Traceback" not in proc.stderr
 
 

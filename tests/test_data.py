@@ -1,4 +1,4 @@
-"""Tests for spin.data: every source and format, turns, column mapping, answers, splits, limits, bad inputs."""
+"""Tests for spinlm.data: every source and format, turns, column mapping, answers, splits, limits, bad inputs."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from spin.config import DataConfig
-from spin.data import (
+from spinlm.config import DataConfig
+from spinlm.data import (
     DataStats,
     Example,
     Message,
@@ -20,7 +20,7 @@ from spin.data import (
     prompt_key,
     split_holdout,
 )
-from spin.errors import SpinError
+from spinlm.errors import SpinError
 
 GSM8K = Path(__file__).resolve().parents[1] / "../shared/data/gsm8k/train.jsonl"
 

@@ -1,4 +1,4 @@
-"""Property test of spin.data's loader on malformed rows: well-formed Examples or a SpinError, nothing else."""
+"""Property test of spinlm.data's loader on malformed rows: well-formed Examples or a SpinError, nothing else."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spin.config import DataConfig
-from spin.data import CANONICAL_COLUMNS, load_sft_examples
-from spin.errors import SpinError
+from spinlm.config import DataConfig
+from spinlm.data import CANONICAL_COLUMNS, load_sft_examples
+from spinlm.errors import SpinError
 
 KEYS = [*CANONICAL_COLUMNS, "role", "content", "from", "value", "question", "answer"]
 ROLES = ["user", "assistant", "system", "human", "gpt", "tool", "", "USER"]

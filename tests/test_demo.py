@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import spin.demo as demo
+import spinlm.demo as demo
 
 
 @pytest.mark.parametrize(("target", "steps"), [(0.0, 20), (1.1, 60)])

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
-from spin.config import SpinConfig
+from spinlm.config import SpinConfig
 
 
 def _no_network(*args: Any, **kwargs: Any) -> None:
@@ -31,7 +31,7 @@ def _metrics(run: Path, t: int) -> dict[str, Any]:
 def test_same_config_and_seed_give_identical_results_offline(
     make_config: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from spin.loop import run
+    from spinlm.loop import run
 
     monkeypatch.setattr(socket.socket, "connect", _no_network)
     monkeypatch.setattr(socket.socket, "connect_ex", _no_network)

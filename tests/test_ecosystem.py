@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from spin.config import SpinConfig
+from spinlm.config import SpinConfig
 
 GSM8K = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
@@ -42,7 +42,7 @@ def test_tensorboard_model_cards_and_push_to_hub(make_config, tmp_path: Path, mo
     import huggingface_hub
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from spin.loop import run
+    from spinlm.loop import run
 
     LocalHub.root = tmp_path / "hub"
     monkeypatch.setattr(huggingface_hub, "HfApi", LocalHub)
@@ -76,8 +76,8 @@ def test_gsm8k_one_tiny_iteration(tiny_model_dir: Path, tmp_path: Path) -> None:
     """Real data: GSM8K through the column mapping, one tiny iteration on 64 prompts, exact match on the number."""
     if not GSM8K.exists():
         pytest.skip(f"GSM8K not found at {GSM8K} (shared data is only present in the project's workspace)")
-    from spin.config import load_config
-    from spin.loop import run
+    from spinlm.config import load_config
+    from spinlm.loop import run
 
     cfg = load_config(
         None,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from spin.config import SpinConfig
+from spinlm.config import SpinConfig
 
 
 def _weights(model_dir: Path) -> dict:
@@ -19,7 +19,7 @@ def _weights(model_dir: Path) -> dict:
 def test_two_iterations_change_parameters_and_write_run_folder(make_config, tiny_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from spin.loop import run
+    from spinlm.loop import run
 
     cfg = make_config()
     assert isinstance(cfg, SpinConfig)
@@ -56,10 +56,10 @@ def test_two_iterations_change_parameters_and_write_run_folder(make_config, tiny
 
 def test_pair_contents(make_config, tiny_model_dir: Path, tmp_path: Path) -> None:
     """chosen = the dataset's reply, rejected = the opponent's sample, reference log-probs of both stored."""
-    from spin.logps import score_logps
-    from spin.loop import load_examples
-    from spin.modeling import load_model, load_tokenizer
-    from spin.opponent import make_iteration_pairs
+    from spinlm.logps import score_logps
+    from spinlm.loop import load_examples
+    from spinlm.modeling import load_model, load_tokenizer
+    from spinlm.opponent import make_iteration_pairs
 
     cfg = make_config()
     assert isinstance(cfg, SpinConfig)
@@ -82,7 +82,7 @@ def test_pair_contents(make_config, tiny_model_dir: Path, tmp_path: Path) -> Non
 
 
 def test_pair_stats_count_identical_pairs_and_warn_when_most_are() -> None:
-    from spin.pairs import identical_pairs_warning, pair_stats
+    from spinlm.pairs import identical_pairs_warning, pair_stats
 
     def pair(real: str, sample: str) -> dict:
         prompt = [{"role": "user", "content": "1+1="}]

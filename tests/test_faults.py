@@ -1,8 +1,8 @@
-"""Fault injection: real `spin run` processes killed with SIGKILL in every phase, resumed, and compared.
+"""Fault injection: real `spinlm run` processes killed with SIGKILL in every phase, resumed, and compared.
 
-One uninterrupted reference run, then ONE chain of 12 `python -m spin.cli run cfg.yaml` processes on a second
+One uninterrupted reference run, then ONE chain of 12 `python -m spinlm.cli run cfg.yaml` processes on a second
 folder: each of the first 11 kills itself with SIGKILL at a chosen moment (`SPIN_FAULT_AFTER`, see
-spin.io.fault_point), the next resumes the folder where the last one died, the 12th finishes. The moments
+spinlm.io.fault_point), the next resumes the folder where the last one died, the 12th finishes. The moments
 cover generation (after a shard; inside a shard's write), the stage boundaries (right after `.pairs.done`,
 `.train.done`, `.eval.done`), training (after a logged step but before its checkpoint; half way through
 swapping the checkpoint; inside the checkpoint's write), evaluation (inside its writes) and the gap between
@@ -56,7 +56,7 @@ def spin_run(recipe: Path, fault: str | None = None) -> subprocess.CompletedProc
     if fault:
         env["SPIN_FAULT_AFTER"] = fault
     return subprocess.run(
-        [sys.executable, "-m", "spin.cli", "run", str(recipe)],
+        [sys.executable, "-m", "spinlm.cli", "run", str(recipe)],
         env=env,
         capture_output=True,
         text=True,

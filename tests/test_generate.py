@@ -15,18 +15,18 @@ from typing import Any
 import pytest
 import torch
 
-import spin.generation as gen
-from spin.config import GenerationConfig
-from spin.engines import Sampler, Spec
-from spin.generation import generate_responses, supported_engines
-from spin.modeling import encode, load_model, load_tokenizer, render_prompt
+import spinlm.generation as gen
+from spinlm.config import GenerationConfig
+from spinlm.engines import Sampler, Spec
+from spinlm.generation import generate_responses, supported_engines
+from spinlm.modeling import encode, load_model, load_tokenizer, render_prompt
 
 ENGINES = ["refill", "generate", "continuous"]
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_grammar_model_dir: Path) -> tuple[Any, Any]:
-    from spin.config import ModelConfig
+    from spinlm.config import ModelConfig
 
     tok = load_tokenizer(tiny_grammar_model_dir, ModelConfig())
     model = load_model(tiny_grammar_model_dir, ModelConfig(), device=torch.device("cpu")).eval()
@@ -36,7 +36,7 @@ def lm(tiny_grammar_model_dir: Path) -> tuple[Any, Any]:
 @pytest.fixture(scope="module")
 def prompts() -> list[list[dict]]:
     """12 prompts of 14 to 45 tokens (a system message of varied length in front of grammar keys)."""
-    from spin.tasks import GRAMMAR_KEYS
+    from spinlm.tasks import GRAMMAR_KEYS
 
     out = []
     for i, key in enumerate(GRAMMAR_KEYS[:12]):
@@ -220,7 +220,7 @@ def test_auto_measures_logs_and_records_its_choice(
 
         monkeypatch.setitem(gen._ENGINE_FNS, name, wrapped)
     cfg = _cfg(engine="auto", batch_size=1, max_new_tokens=4)  # 12 prompts = 12 batches: worth measuring
-    with caplog.at_level(logging.INFO, logger="spin.generation"):
+    with caplog.at_level(logging.INFO, logger="spinlm.generation"):
         first = generate_responses(*lm, prompts, cfg, seed=0, shard_dir=tmp_path / "a")
     record = json.loads((tmp_path / "a" / "engine.json").read_text())
     assert record["engine"] in ENGINES and "median of 3 probes of 1 prompts" in record["reason"]
@@ -298,7 +298,7 @@ def test_the_engine_choice_is_logged_once(
 ) -> None:
     monkeypatch.setattr(gen, "_ENGINE_CACHE", {})
     monkeypatch.setattr(gen, "_LOGGED", set())
-    with caplog.at_level(logging.INFO, logger="spin.generation"):
+    with caplog.at_level(logging.INFO, logger="spinlm.generation"):
         for desc in ("eval samples", "eval greedy", "generate 1"):
             generate_responses(*lm, prompts[:3], _cfg(engine="auto", max_new_tokens=2), seed=0, desc=desc)
     lines = [
@@ -335,7 +335,7 @@ def test_generation_dtype_samples_from_a_cast_copy(lm: tuple[Any, Any], prompts:
 
 
 def test_generation_dtype_is_validated() -> None:
-    from spin.errors import SpinError
+    from spinlm.errors import SpinError
 
     with pytest.raises(SpinError, match="generation.dtype"):
         GenerationConfig(dtype="int8")

@@ -50,9 +50,9 @@ def test_two_processes_match_one(tiny_grammar_model_dir: Path, tmp_path: Path) -
     assert ranks[0]["results"] == ranks[1]["results"]
 
     # Equal to one process with the same seed (the sampler depends on (seed, prompt index, step) only).
-    from spin.config import ModelConfig
-    from spin.generation import generate_responses
-    from spin.modeling import load_model, load_tokenizer
+    from spinlm.config import ModelConfig
+    from spinlm.generation import generate_responses
+    from spinlm.modeling import load_model, load_tokenizer
 
     tok = load_tokenizer(tiny_grammar_model_dir, ModelConfig())
     model = load_model(tiny_grammar_model_dir, ModelConfig(), device=torch.device("cpu")).eval()

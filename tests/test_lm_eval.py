@@ -1,6 +1,6 @@
 """The lm-eval hook, offline: a tiny local multiple-choice task (a JSON file + a task YAML) on the tiny model.
 
-Skipped when lm-evaluation-harness is not installed (the optional extra `spin[lmeval]`; `make test` installs
+Skipped when lm-evaluation-harness is not installed (the optional extra `spinlm[lmeval]`; `make test` installs
 only `.[dev]`).
 """
 
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from spin.errors import SpinError
+from spinlm.errors import SpinError
 
 # Checked at collection, so a skipped test does not build the tiny model first.
 needs_lm_eval = pytest.mark.skipif(
-    importlib.util.find_spec("lm_eval") is None, reason="lm-eval not installed (pip install 'spin[lmeval]')"
+    importlib.util.find_spec("lm_eval") is None, reason="lm-eval not installed (pip install 'spinlm[lmeval]')"
 )
 
 TASK_YAML = """\
@@ -70,7 +70,7 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_flatten_results_names_and_filters() -> None:
-    from spin.lm_eval_hook import flatten_results
+    from spinlm.lm_eval_hook import flatten_results
 
     flat = flatten_results(
         {
@@ -89,7 +89,7 @@ def test_flatten_results_names_and_filters() -> None:
 def test_run_lm_eval_on_local_task(
     tiny_model_dir: Path, tmp_path: Path, offline: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from spin.lm_eval_hook import run_lm_eval
+    from spinlm.lm_eval_hook import run_lm_eval
 
     tasks_dir = _write_task(tmp_path / "tasks")
     monkeypatch.chdir(tmp_path)  # lm-eval may write caches relative to the working directory
@@ -101,7 +101,7 @@ def test_run_lm_eval_on_local_task(
 def test_missing_lm_eval_raises_install_hint(monkeypatch: pytest.MonkeyPatch) -> None:
     import builtins
 
-    from spin.lm_eval_hook import run_lm_eval
+    from spinlm.lm_eval_hook import run_lm_eval
 
     real_import = builtins.__import__
 
@@ -113,14 +113,14 @@ def test_missing_lm_eval_raises_install_hint(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setattr(builtins, "__import__", fake_import)
     with pytest.raises(SpinError) as err:
         run_lm_eval("unused", ["arc_easy"])
-    assert "spin[lmeval]" in str(err.value.hint or err.value)
+    assert "spinlm[lmeval]" in str(err.value.hint or err.value)
 
 
 @needs_lm_eval
 @pytest.mark.slow
 def test_loop_merges_lm_eval_metrics(make_config, tmp_path: Path, offline: None) -> None:
     """`eval.lm_eval_tasks` set: every iteration's metrics (and summary.json) carry the lm-eval numbers."""
-    from spin.loop import run
+    from spinlm.loop import run
 
     tasks_dir = _write_task(tmp_path / "tasks")
     cfg = make_config(

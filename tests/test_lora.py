@@ -1,6 +1,6 @@
 """LoRA through peft: the reference of iteration t is the merged iteration-(t-1) model, not the base.
 
-- Two iterations of `spin.loop.run` with `train.lora.enabled=true`: iteration 2's stored reference
+- Two iterations of `spinlm.loop.run` with `train.lora.enabled=true`: iteration 2's stored reference
   log-probs are those of the merged iteration-1 checkpoint (rescored here), and differ from the base's;
   every checkpoint is a full model `from_pretrained` loads, with no adapter weights left in it.
 - One `train_iteration` with LoRA: only adapter parameters require (and receive) gradients, the trainable
@@ -18,11 +18,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spin.config import ModelConfig
-from spin.errors import SpinError
-from spin.logps import collate, encode_all, forward_logps, score_logps
-from spin.modeling import load_model, load_tokenizer
-from spin.trainer import train_iteration
+from spinlm.config import ModelConfig
+from spinlm.errors import SpinError
+from spinlm.logps import collate, encode_all, forward_logps, score_logps
+from spinlm.modeling import load_model, load_tokenizer
+from spinlm.trainer import train_iteration
 
 CPU = torch.device("cpu")
 
@@ -36,7 +36,7 @@ def _score(model: Any, tokenizer: Any, pairs: list[dict], side: str, max_length:
 def test_lora_reference_is_previous_merged_iteration(make_config, tiny_model_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from spin.loop import run
+    from spinlm.loop import run
 
     cfg: Any = make_config(
         "train.lora.enabled=true",

@@ -1,4 +1,4 @@
-"""Tests for spin.loss: hand-computed arithmetic, sequence log-probs vs a naive loop, and TRL's DPO loss.
+"""Tests for spinlm.loss: hand-computed arithmetic, sequence log-probs vs a naive loop, and TRL's DPO loss.
 
 The TRL tests run TRL's own `DPOTrainer._compute_loss` (the only place TRL 1.x computes the DPO loss: there is
 no standalone `dpo_loss` any more) on a minimal stand-in for the trainer, so the comparison is against TRL's
@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import torch
 
-from spin.logps import sequence_logps, sequence_token_counts
-from spin.loss import LOSS_TYPES, SpinLossOutput, mix_reference_logps, spin_loss
+from spinlm.logps import sequence_logps, sequence_token_counts
+from spinlm.loss import LOSS_TYPES, SpinLossOutput, mix_reference_logps, spin_loss
 
 # ---------------------------------------------------------------------------------------------------------
 # spin_loss on three numbers, computed by hand (β = 0.5)

@@ -1,8 +1,8 @@
 """What the subcommands write and say: foreign files survive, output paths are checked before any work,
-progress reaches a log, `spin eval` scores a whole file, bad pairs files and settings are one-line errors,
-`spin config` lists every key, and third-party chatter stays out of the output.
+progress reaches a log, `spinlm eval` scores a whole file, bad pairs files and settings are one-line errors,
+`spinlm config` lists every key, and third-party chatter stays out of the output.
 
-Every test runs `spin.cli.main` in-process on the tiny model (no network).
+Every test runs `spinlm.cli.main` in-process on the tiny model (no network).
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-import spin.api
-from spin.cli import main
+import spinlm.api
+from spinlm.cli import main
 
 QUICK = [
     "data.num_examples=12",
@@ -37,7 +37,7 @@ def one_line_error(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, err
-    assert len(lines) == 1 and lines[0].startswith("spin: error: "), err
+    assert len(lines) == 1 and lines[0].startswith("spinlm: error: "), err
     return lines[0]
 
 
@@ -68,8 +68,8 @@ def no_model_loading(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> Any:
         pytest.fail("the model was loaded before the output path was checked")
 
-    monkeypatch.setattr(spin.api, "load_model", refuse)
-    monkeypatch.setattr(spin.api, "load_tokenizer", refuse)
+    monkeypatch.setattr(spinlm.api, "load_model", refuse)
+    monkeypatch.setattr(spinlm.api, "load_tokenizer", refuse)
 
 
 # --- 1. never delete what spin did not write ------------------------------------------------------------
@@ -120,7 +120,7 @@ def test_output_dot_is_refused_in_a_folder_with_files(
 def test_run_refuses_a_foreign_folder_and_keeps_its_tmp_files(
     make_config: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from spin.config import config_to_yaml
+    from spinlm.config import config_to_yaml
 
     run = tmp_path / "project"
     run.mkdir()
@@ -171,12 +171,12 @@ def test_progress_lines_when_the_output_is_not_a_terminal(
     # Under pytest stderr is captured, not a terminal: tqdm draws nothing and spin logs lines instead.
     out = tmp_path / "p.jsonl"
     argv = ["generate", "--model", str(tiny_model_dir), "--dataset", "builtin:addition", "--output", str(out)]
-    with caplog.at_level(logging.INFO, logger="spin"):
+    with caplog.at_level(logging.INFO, logger="spinlm"):
         assert (
             main([*argv, *QUICK, "generation.batch_size=2", "eval.batch_size=2", "progress_seconds=1e-9"])
             == 0
         )
-    lines = [r.getMessage() for r in caplog.records if r.name == "spin"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "spinlm"]
     gen = [m for m in lines if m.startswith("generate: ")]
     assert any(
         re.fullmatch(r"generate: \d+/12 prompts \(\d+%\), [\d.e+-]+ prompts/s, ETA \S+ \(.*\)", m)
@@ -185,7 +185,7 @@ def test_progress_lines_when_the_output_is_not_a_terminal(
     assert any(m.startswith("generate: 12/12 prompts (100%)") and "done in" in m for m in gen)
     assert any(m.startswith("score real: ") and "batches" in m for m in lines)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="spin"):
+    with caplog.at_level(logging.INFO, logger="spinlm"):
         assert main([*argv, *QUICK, "generation.batch_size=2", "progress_seconds=0"]) == 0  # 0: no lines
     assert not [r for r in caplog.records if re.match(r"(generate|score real): \d+/", r.getMessage())]
 
@@ -194,12 +194,12 @@ def test_progress_heartbeat_logs_while_nothing_finishes(caplog: pytest.LogCaptur
     """A batch of long generations finishes nothing for minutes: the heartbeat still logs a line."""
     import time
 
-    from spin import progress
+    from spinlm import progress
 
     old = progress.INTERVAL
     progress.set_interval(0.2)
     try:
-        with caplog.at_level(logging.INFO, logger="spin"):
+        with caplog.at_level(logging.INFO, logger="spinlm"):
             bar = progress.Progress(total=3, desc="generate", unit="prompt")
             time.sleep(1.5)  # no update at all
             bar.close()
@@ -209,7 +209,7 @@ def test_progress_heartbeat_logs_while_nothing_finishes(caplog: pytest.LogCaptur
 
 
 def test_progress_line_format() -> None:
-    from spin.progress import Progress
+    from spinlm.progress import Progress
 
     bar = Progress(200, "train 1", unit="step", initial=50, enabled=True)
     bar.start -= 100.0  # 100 s ago; 50 steps done since: 0.5 steps/s, 100 to go
@@ -219,7 +219,7 @@ def test_progress_line_format() -> None:
     bar.close()
 
 
-# --- 6. spin eval on a whole file ------------------------------------------------------------------------
+# --- 6. spinlm eval on a whole file ------------------------------------------------------------------------
 
 
 def test_eval_scores_a_whole_file_with_the_metrics_of_spin_run(
@@ -290,7 +290,7 @@ def test_bad_pairs_files(
     bad.write_text(content.replace("GOOD", pairs_file.read_text().splitlines()[0]))
     argv = ["train", "--model", str(tiny_model_dir), "--pairs", str(bad), "--output", str(tmp_path / "o")]
     line = one_line_error(capsys, argv)
-    assert expected in line and ("spin generate" in line or "each line of a .jsonl file" in line)
+    assert expected in line and ("spinlm generate" in line or "each line of a .jsonl file" in line)
     assert not (tmp_path / "o").exists()  # refused before anything was written
 
 
@@ -326,14 +326,14 @@ def test_bad_settings(
     line = one_line_error(
         capsys, ["eval", "--model", str(tiny_model_dir), "--dataset", "builtin:addition", override]
     )
-    assert line.startswith(f"spin: error: {expected}")
+    assert line.startswith(f"spinlm: error: {expected}")
 
 
-# --- 8. spin config, quiet output ------------------------------------------------------------------------
+# --- 8. spinlm config, quiet output ------------------------------------------------------------------------
 
 
 def test_spin_config_lists_every_key(capsys: pytest.CaptureFixture[str]) -> None:
-    from spin.config import config_reference
+    from spinlm.config import config_reference
 
     assert main(["config"]) == 0
     out = capsys.readouterr().out
@@ -343,7 +343,7 @@ def test_spin_config_lists_every_key(capsys: pytest.CaptureFixture[str]) -> None
     assert "generation.engine: str = auto\n" in out and "train.beta: float | list[float] = 0.1\n" in out
     assert main(["config", "answer"]) == 0
     assert capsys.readouterr().out.startswith("data.answer_pattern: str | None = null\n    Exact-match")
-    assert one_line_error(capsys, ["config", "nosuchkey"]).endswith("(run `spin config` to list every key)")
+    assert one_line_error(capsys, ["config", "nosuchkey"]).endswith("(run `spinlm config` to list every key)")
 
 
 def test_redirected_output_has_progress_and_no_third_party_chatter(
@@ -363,7 +363,7 @@ def test_redirected_output_has_progress_and_no_third_party_chatter(
     extra = ["generation.engine=continuous", "progress_seconds=1e-9"]
     with log_file.open("w") as f:
         subprocess.run(
-            [sys.executable, "-m", "spin.cli", *argv, *QUICK, *extra],
+            [sys.executable, "-m", "spinlm.cli", *argv, *QUICK, *extra],
             stdout=f,
             stderr=subprocess.STDOUT,
             check=True,
@@ -380,8 +380,8 @@ def test_redirected_output_has_progress_and_no_third_party_chatter(
 def test_threads_setting_is_applied_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
-    from spin.config import load_config
-    from spin.runtime import apply_settings
+    from spinlm.config import load_config
+    from spinlm.runtime import apply_settings
 
     before = torch.get_num_threads()
     try:

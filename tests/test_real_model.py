@@ -16,12 +16,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from spin.config import GenerationConfig, ModelConfig, load_config
-from spin.generation import generate_responses
-from spin.logps import collate, encode_all, forward_logps, score_logps
-from spin.modeling import encode, encode_response, load_model, load_tokenizer, render_prompt
-from spin.tasks import make_word_problem_examples
-from spin.trainer import collate_pairs, featurize
+from spinlm.config import GenerationConfig, ModelConfig, load_config
+from spinlm.generation import generate_responses
+from spinlm.logps import collate, encode_all, forward_logps, score_logps
+from spinlm.modeling import encode, encode_response, load_model, load_tokenizer, render_prompt
+from spinlm.tasks import make_word_problem_examples
+from spinlm.trainer import collate_pairs, featurize
 
 pytestmark = pytest.mark.real_model
 
@@ -183,7 +183,7 @@ def test_one_iteration_run_gives_a_checkpoint_that_still_answers(smollm2_dir: Pa
             "eval.batch_size=8",
         ],
     )
-    from spin.loop import run
+    from spinlm.loop import run
 
     summary = run(cfg)
     assert [it["iteration"] for it in summary["iterations"]] == [0, 1]

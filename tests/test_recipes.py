@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from spin.config import SpinConfig, load_config, scheduled
+from spinlm.config import SpinConfig, load_config, scheduled
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 ALL = sorted(RECIPES.glob("*.yaml"))
@@ -25,8 +25,8 @@ def _header(path: Path) -> list[str]:
 
 
 def _launch_commands(path: Path) -> list[list[str]]:
-    """Commands in the header: lines that start with `spin ` or `accelerate launch`, split like a shell."""
-    return [shlex.split(line) for line in _header(path) if line.startswith(("spin ", "accelerate launch"))]
+    """Commands in the header: lines that start with `spinlm ` or `accelerate launch`, split like a shell."""
+    return [shlex.split(line) for line in _header(path) if line.startswith(("spinlm ", "accelerate launch"))]
 
 
 def test_the_three_recipes_ship() -> None:
@@ -35,7 +35,7 @@ def test_the_three_recipes_ship() -> None:
 
 @pytest.mark.parametrize("path", ALL, ids=lambda p: p.name)
 def test_recipe_loads_and_opens_with_a_launch_command_that_parses(path: Path) -> None:
-    from spin.cli import build_parser
+    from spinlm.cli import build_parser
 
     cfg = load_config(path)
     assert isinstance(cfg, SpinConfig) and cfg.model.name_or_path
@@ -43,8 +43,8 @@ def test_recipe_loads_and_opens_with_a_launch_command_that_parses(path: Path) ->
     runs = [c for c in _launch_commands(path) if "run" in c]
     assert runs, f"{path.name} has no launch command in its opening comment"
     for cmd in runs:
-        # `spin run X` or `accelerate launch ... -m spin.cli run X`: the spin arguments start at `run`.
-        assert cmd[0] == "spin" or cmd[cmd.index("-m") + 1] == "spin.cli"
+        # `spinlm run X` or `accelerate launch ... -m spinlm.cli run X`: the spin arguments start at `run`.
+        assert cmd[0] == "spinlm" or cmd[cmd.index("-m") + 1] == "spinlm.cli"
         args = build_parser().parse_args(cmd[cmd.index("run") :])
         assert args.config == f"recipes/{path.name}"
         load_config(path, args.overrides)  # the command's overrides validate too
@@ -97,18 +97,18 @@ def test_small_gpu_recipe_is_lora_on_a_small_instruct_model() -> None:
 
 
 def test_cpu_tiny_recipe_is_what_spin_demo_runs() -> None:
-    from spin.demo import demo_config
+    from spinlm.demo import demo_config
 
     recipe = load_config(RECIPES / "cpu-tiny.yaml").to_dict()
     demo = demo_config("runs/demo", seed=0).to_dict()
     assert recipe["model"]["name_or_path"] == "runs/demo/sft_model" == demo["model"]["name_or_path"]
     assert recipe.pop("output_dir") != demo.pop("output_dir")  # its own run folder next to the demo's
     assert recipe == demo
-    assert [c[:2] for c in _launch_commands(RECIPES / "cpu-tiny.yaml")] == [["spin", "demo"], ["spin", "run"]]
+    assert [c[:2] for c in _launch_commands(RECIPES / "cpu-tiny.yaml")] == [["spinlm", "demo"], ["spinlm", "run"]]
 
 
 def test_smollm2_demo_recipe_is_what_spin_demo_model_smollm2_runs() -> None:
-    from spin.demo import real_demo_config
+    from spinlm.demo import real_demo_config
 
     recipe = load_config(RECIPES / "smollm2-demo.yaml").to_dict()
     demo = real_demo_config("runs/demo-smollm2", seed=0).to_dict()

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from spin.config import SpinConfig
+from spinlm.config import SpinConfig
 
 SMALL = ("data.num_examples=16", "data.eval_size=4")
 
 
 def _noisy_copy(src: Path, dst: Path, scale: float, seed: int) -> Path:
-    from spin.config import ModelConfig
-    from spin.modeling import load_model, load_tokenizer, save_model
+    from spinlm.config import ModelConfig
+    from spinlm.modeling import load_model, load_tokenizer, save_model
 
     model = load_model(src, ModelConfig(), device=torch.device("cpu"))
     gen = torch.Generator().manual_seed(seed)
@@ -44,8 +44,8 @@ def iterates(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def _setup(make_config, iterates: dict[int, Path], t: int, *overrides: str):
     """(cfg, tokenizer, train examples, opponent p_{t-1}); run_dir/iteration_s/model links to p_s, s < t."""
-    from spin.loop import load_examples
-    from spin.modeling import load_model, load_tokenizer
+    from spinlm.loop import load_examples
+    from spinlm.modeling import load_model, load_tokenizer
 
     cfg = make_config(*SMALL, *overrides)
     assert isinstance(cfg, SpinConfig)
@@ -60,8 +60,8 @@ def _setup(make_config, iterates: dict[int, Path], t: int, *overrides: str):
 
 def _scores(model_dir: Path, cfg: SpinConfig, tok, pairs: list[dict]) -> tuple[list[float], list[float]]:
     """(real, generated) log-probs of the pairs under the checkpoint, recomputed independently."""
-    from spin.logps import score_logps
-    from spin.modeling import load_model
+    from spinlm.logps import score_logps
+    from spinlm.modeling import load_model
 
     model = load_model(model_dir, cfg.model)
     prompts = [p["prompt"] for p in pairs]
@@ -74,7 +74,7 @@ def _scores(model_dir: Path, cfg: SpinConfig, tok, pairs: list[dict]) -> tuple[l
 
 
 def test_alpha_zero_equals_previous(make_config, iterates: dict[int, Path]) -> None:
-    from spin.opponent import make_iteration_pairs
+    from spinlm.opponent import make_iteration_pairs
 
     cfg, tok, train, opponent = _setup(make_config, iterates, 2)
     previous = make_iteration_pairs(opponent, tok, train, cfg, 2, Path(cfg.output_dir))
@@ -92,7 +92,7 @@ def test_alpha_zero_equals_previous(make_config, iterates: dict[int, Path]) -> N
 def test_alpha_reference_is_the_geometric_mixture(
     make_config, iterates: dict[int, Path], alpha: float
 ) -> None:
-    from spin.opponent import make_iteration_pairs
+    from spinlm.opponent import make_iteration_pairs
 
     cfg, tok, train, opponent = _setup(
         make_config, iterates, 2, "train.reference.kind=alpha", f"train.reference.alpha={alpha}"
@@ -116,7 +116,7 @@ def test_alpha_reference_is_the_geometric_mixture(
 
 def test_alpha_at_iteration_one_needs_no_second_model(make_config, iterates: dict[int, Path]) -> None:
     """At t = 1 the opponent is the base: its scores are stored as the base scores, nothing is loaded."""
-    from spin.opponent import make_iteration_pairs
+    from spinlm.opponent import make_iteration_pairs
 
     cfg, tok, train, opponent = _setup(
         make_config, iterates, 1, "train.reference.kind=alpha", "train.reference.alpha=0.3"
@@ -127,7 +127,7 @@ def test_alpha_at_iteration_one_needs_no_second_model(make_config, iterates: dic
 
 
 def test_opponent_window_is_clipped_at_p0_and_assignment_is_deterministic(make_config) -> None:
-    from spin.opponent import assign_iterates, opponent_window
+    from spinlm.opponent import assign_iterates, opponent_window
 
     previous = make_config("train.reference.kind=alpha")
     fictitious = make_config("train.reference.kind=fictitious", "train.reference.history=3")
@@ -144,9 +144,9 @@ def test_opponent_window_is_clipped_at_p0_and_assignment_is_deterministic(make_c
 def test_fictitious_play_samples_and_scores_with_the_assigned_iterate(
     make_config, iterates: dict[int, Path], t: int, history: int, window: list[int]
 ) -> None:
-    from spin.generation import generate_responses
-    from spin.modeling import load_model
-    from spin.opponent import assign_iterates, make_iteration_pairs, opponent_window
+    from spinlm.generation import generate_responses
+    from spinlm.modeling import load_model
+    from spinlm.opponent import assign_iterates, make_iteration_pairs, opponent_window
 
     cfg, tok, train, opponent = _setup(
         make_config,
@@ -197,10 +197,10 @@ def test_fictitious_play_samples_and_scores_with_the_assigned_iterate(
 def test_run_plays_two_iterations_with_each_reference(
     make_config, overrides: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`spin.loop.run` end to end (`previous` is tests/test_end_to_end.py); iteration 2 is the telling one."""
-    from spin.loop import run
+    """`spinlm.loop.run` end to end (`previous` is tests/test_end_to_end.py); iteration 2 is the telling one."""
+    from spinlm.loop import run
 
-    monkeypatch.setattr("spin.report.write_report", lambda run_dir: None)  # plots: tests/test_end_to_end.py
+    monkeypatch.setattr("spinlm.report.write_report", lambda run_dir: None)  # plots: tests/test_end_to_end.py
     cfg = make_config(*SMALL, "eval.num_samples=0", *overrides)
     assert isinstance(cfg, SpinConfig)
     summary = run(cfg)
@@ -233,9 +233,9 @@ def test_bf16_training_scores_the_reference_under_its_autocast(
 ) -> None:
     """train.precision=bf16: the stored reference log-probs are the opponent's under bf16 autocast, as the
     policy computes them in training (so log p/p_ref starts at 0), not its fp32 log-probs."""
-    from spin.logps import score_logps
-    from spin.opponent import make_iteration_pairs
-    from spin.trainer import make_accelerator
+    from spinlm.logps import score_logps
+    from spinlm.opponent import make_iteration_pairs
+    from spinlm.trainer import make_accelerator
 
     cfg, tok, train, opponent = _setup(make_config, iterates, 1, "train.precision=bf16")
     accelerator = make_accelerator(cfg.train)

@@ -1,4 +1,4 @@
-"""Tests for spin.report: plots and a self-contained HTML page from a (fake) run folder."""
+"""Tests for spinlm.report: plots and a self-contained HTML page from a (fake) run folder."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 from matplotlib.image import imread
 
-from spin.errors import SpinError
-from spin.report import write_report
+from spinlm.errors import SpinError
+from spinlm.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CONFIG = "task: addition\nmodel: tiny-gpt2\nspin:\n  iterations: 3\n  beta: 0.1\n"
@@ -146,7 +146,7 @@ def test_corrupt_summary_raises(tmp_path: Path) -> None:
 
 
 def test_constant_metrics_are_listed_not_plotted(tmp_path: Path) -> None:
-    from spin.report import _plotted_metrics
+    from spinlm.report import _plotted_metrics
 
     run = _make_run(tmp_path)  # gen_len_mean is 3.1 in every iteration
     rows = [(0, {"exact_match": 0.5, "pairs_pairs": 48, "gen_len_mean": 3.0})]
@@ -164,10 +164,10 @@ def test_constant_metrics_are_listed_not_plotted(tmp_path: Path) -> None:
 def test_spin_report_says_wrote_once(tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: Any) -> None:
     import logging
 
-    from spin.cli import main
+    from spinlm.cli import main
 
     run = _make_run(tmp_path)
-    with caplog.at_level(logging.INFO, logger="spin"):
+    with caplog.at_level(logging.INFO, logger="spinlm"):
         assert main(["report", str(run)]) == 0
     printed = capsys.readouterr()
     text = printed.out + printed.err + caplog.text

@@ -20,11 +20,11 @@ from typing import Any
 import pytest
 import torch
 
-from spin.cli import main
-from spin.config import ModelConfig, load_config
-from spin.errors import SpinError
-from spin.io import trim_log
-from spin.resume import RunLock, check_resume_config, recover_checkpoint, tidy_run_folder, train_finished
+from spinlm.cli import main
+from spinlm.config import ModelConfig, load_config
+from spinlm.errors import SpinError
+from spinlm.io import trim_log
+from spinlm.resume import RunLock, check_resume_config, recover_checkpoint, tidy_run_folder, train_finished
 
 CPU = torch.device("cpu")
 
@@ -35,7 +35,7 @@ CPU = torch.device("cpu")
 def test_changed_config_is_refused_with_the_differing_fields(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from spin.config import config_to_yaml
+    from spinlm.config import config_to_yaml
 
     run = tmp_path / "run"
     base = ["task=addition", "model.name_or_path=m", f"output_dir={run}"]
@@ -62,11 +62,11 @@ def test_changed_config_is_refused_with_the_differing_fields(
 
 
 def test_a_second_run_on_the_same_folder_is_refused(tmp_path: Path) -> None:
-    from spin.loop import run
+    from spinlm.loop import run
 
     cfg = load_config(None, ["task=addition", "model.name_or_path=m", f"output_dir={tmp_path / 'run'}"])
     (tmp_path / "run").mkdir()
-    with RunLock(tmp_path / "run"), pytest.raises(SpinError, match="another spin run is using"):
+    with RunLock(tmp_path / "run"), pytest.raises(SpinError, match="another spinlm run is using"):
         run(cfg)
 
 
@@ -74,8 +74,8 @@ def test_a_second_run_on_the_same_folder_is_refused(tmp_path: Path) -> None:
 
 
 def _pairs(tokenizer: Any, model: Any, n: int) -> list[dict]:
-    from spin.logps import score_logps
-    from spin.tasks import get_task
+    from spinlm.logps import score_logps
+    from spinlm.tasks import get_task
 
     make = get_task("addition").make_examples
     assert make is not None
@@ -99,9 +99,9 @@ def _pairs(tokenizer: Any, model: Any, n: int) -> list[dict]:
 def test_training_resumes_bitwise_from_its_checkpoint(
     tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import spin.trainer as train_module
-    from spin.config import TrainConfig
-    from spin.modeling import load_model, load_tokenizer
+    import spinlm.trainer as train_module
+    from spinlm.config import TrainConfig
+    from spinlm.modeling import load_model, load_tokenizer
 
     tok = load_tokenizer(tiny_model_dir, ModelConfig())
     pairs = _pairs(tok, load_model(tiny_model_dir, ModelConfig(), device=CPU), 24)
@@ -235,7 +235,7 @@ def test_remote_code_is_off_and_weights_are_safetensors_only(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    from spin.modeling import load_model
+    from spinlm.modeling import load_model
 
     assert ModelConfig().trust_remote_code is False
     seen: dict[str, Any] = {}

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from spin.config import SpinConfig
+from spinlm.config import SpinConfig
 
 LR = {1: 1e-3, 2: 1e-4}
 BETA = {1: 0.1, 2: 5.0}
@@ -29,8 +29,8 @@ def _jsonl(path: Path) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def scheduled_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> SpinConfig:
-    from spin.config import load_config
-    from spin.loop import run
+    from spinlm.config import load_config
+    from spinlm.loop import run
 
     cfg = load_config(
         None,
@@ -57,7 +57,7 @@ def scheduled_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
         ],
     )
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("spin.report.write_report", lambda run_dir: None)  # plots: tests/test_end_to_end.py
+        mp.setattr("spinlm.report.write_report", lambda run_dir: None)  # plots: tests/test_end_to_end.py
         run(cfg)
     return cfg
 
@@ -86,9 +86,9 @@ def test_beta_and_epoch_schedules(scheduled_run: SpinConfig, t: int) -> None:
 
 @pytest.mark.slow
 def test_mix_previous_adds_half_of_iteration_1_pairs_rescored_by_p1(scheduled_run: SpinConfig) -> None:
-    from spin.logps import score_logps
-    from spin.modeling import load_model, load_tokenizer
-    from spin.opponent import mixed_pairs
+    from spinlm.logps import score_logps
+    from spinlm.modeling import load_model, load_tokenizer
+    from spinlm.opponent import mixed_pairs
 
     cfg = scheduled_run
     run_dir = Path(cfg.output_dir)

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from spin.config import SpinConfig, load_config
-from spin.loop import should_stop
+from spinlm.config import SpinConfig, load_config
+from spinlm.loop import should_stop
 
 
 def _cfg(band: float = 0.0, patience: int = 0, min_delta: float = 0.0) -> SpinConfig:
@@ -121,11 +121,11 @@ PER_ITERATION = (
 @pytest.mark.slow
 def test_run_stops_early_on_patience(make_config, caplog: pytest.LogCaptureFixture) -> None:
     """A learning rate too small to change any greedy answer: exact match is flat, patience=1 ends the game."""
-    from spin.loop import run
+    from spinlm.loop import run
 
     cfg = make_config("train.iterations=3", "train.learning_rate=1e-9", "eval.stop.patience=1")
     assert isinstance(cfg, SpinConfig)
-    with caplog.at_level(logging.INFO, logger="spin"):
+    with caplog.at_level(logging.INFO, logger="spinlm"):
         summary = run(cfg)
     out = Path(cfg.output_dir)
     on_disk = json.loads((out / "summary.json").read_text())

@@ -1,4 +1,4 @@
-"""Tests for spin.tasks: the built-in tasks' data generators and their (exact) metrics."""
+"""Tests for spinlm.tasks: the built-in tasks' data generators and their (exact) metrics."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from collections import Counter
 
 import pytest
 
-from spin import tasks
-from spin.data import Example, Message
-from spin.errors import SpinError
-from spin.tasks import GENERATOR_TASKS, TASK_NAMES, distribution_metrics, get_task, grammar_distribution
+from spinlm import tasks
+from spinlm.data import Example, Message
+from spinlm.errors import SpinError
+from spinlm.tasks import GENERATOR_TASKS, TASK_NAMES, distribution_metrics, get_task, grammar_distribution
 
 
 def _ex(content: str, response: str = "", reference: str | None = None) -> Example:
@@ -247,7 +247,12 @@ def test_grammar_score_with_the_true_distribution_as_model() -> None:
 
 
 def test_word_problems_are_gsm8k_style_and_seeded() -> None:
-    from spin.tasks import calculator_checks, ends_with_final_answer, final_answer, make_word_problem_examples
+    from spinlm.tasks import (
+        calculator_checks,
+        ends_with_final_answer,
+        final_answer,
+        make_word_problem_examples,
+    )
 
     examples = make_word_problem_examples(200, 3)
     assert examples == make_word_problem_examples(200, 3)
@@ -258,7 +263,7 @@ def test_word_problems_are_gsm8k_style_and_seeded() -> None:
 
 
 def test_gsm8k_metrics_by_hand() -> None:
-    from spin.tasks import gsm8k_metrics
+    from spinlm.tasks import gsm8k_metrics
 
     examples = [_ex("q1", "4 + 3 = <<4+3=7>>7\n#### 7", "7"), _ex("q2", "#### 1,200", None)]
     generations = [
@@ -276,7 +281,7 @@ def test_gsm8k_metrics_by_hand() -> None:
 
 
 def test_calculator_checks_evaluate_arithmetic_only() -> None:
-    from spin.tasks import calculator_checks
+    from spinlm.tasks import calculator_checks
 
     assert calculator_checks("<<12/60=0.2>> <<0.2*50=10>> <<3x4=12>> <<1,000+1=1,001>>") == [True] * 4
     assert calculator_checks("<<2+2=5>> <<__import__('os')=1>> <<1/0=1>> <<=3>>") == [False] * 4

@@ -1,11 +1,11 @@
-"""spin.loss against the theory of the SPIN paper (Chen et al. 2024, arXiv 2401.01335, Section 5).
+"""spinlm.loss against the theory of the SPIN paper (Chen et al. 2024, arXiv 2401.01335, Section 5).
 
 Everything here is exact, not sampled: a *tabular* policy p_θ(y|x) = softmax(θ[x])_y over a small finite set
 of K responses per prompt, and the population loss
 
     L(θ; p_t) = Σ_x q(x) Σ_{y, y'} p_data(y|x) p_t(y'|x) ℓ( β log p_θ(y|x)/p_t(y|x) − β log p_θ(y'|x)/p_t(y'|x) )
 
-evaluated by calling `spin.loss.spin_loss` on all (x, y, y') triples at once, weighted by q(x)·p_data·p_t.
+evaluated by calling `spinlm.loss.spin_loss` on all (x, y, y') triples at once, weighted by q(x)·p_data·p_t.
 So the code under test is the real loss, and the expectations are exact sums.
 """
 
@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from spin.loss import LOSS_TYPES, spin_loss
+from spinlm.loss import LOSS_TYPES, spin_loss
 
 DTYPE = torch.float64
 # ℓ(0) and ℓ'(0) for each loss: ℓ(t) = log(1+e^−t), max(0, 1−t), e^−t

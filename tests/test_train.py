@@ -2,7 +2,7 @@
 
 - `test_trainer_holds_one_model`: no second network is loaded or copied while training (live parameters are
   counted at every step, `from_pretrained` / `deepcopy` are booby-trapped), each micro-step is ONE forward on
-  the (2B, T) real + generated batch, and the logged loss equals `spin.loss.spin_loss` recomputed by hand
+  the (2B, T) real + generated batch, and the logged loss equals `spinlm.loss.spin_loss` recomputed by hand
   (unpadded, one sequence at a time) on the same batch.
 - Gradient accumulation: 2 micro-batches of 4 give the same SGD step as 1 batch of 8.
 - Gradient checkpointing: same losses and weights as without.
@@ -21,12 +21,12 @@ from typing import Any
 import pytest
 import torch
 
-from spin.config import ModelConfig, TrainConfig
-from spin.errors import SpinError
-from spin.logps import score_logps
-from spin.loss import spin_loss
-from spin.modeling import encode_response, load_model, load_tokenizer
-from spin.trainer import resolve_precision, train_iteration
+from spinlm.config import ModelConfig, TrainConfig
+from spinlm.errors import SpinError
+from spinlm.logps import score_logps
+from spinlm.loss import spin_loss
+from spinlm.modeling import encode_response, load_model, load_tokenizer
+from spinlm.trainer import resolve_precision, train_iteration
 
 CPU = torch.device("cpu")
 
@@ -36,7 +36,7 @@ def make_pairs(tokenizer: Any, model: Any, n: int, seed: int = 0) -> list[dict]:
 
     The noise makes the policy differ from the reference at step 0, so the loss is not trivially log 2.
     """
-    from spin.tasks import get_task
+    from spinlm.tasks import get_task
 
     make = get_task("addition").make_examples
     assert make is not None
@@ -254,8 +254,8 @@ def test_forward_logps_matches_sequence_logps(
     tok_model: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch, masked_head: bool
 ) -> None:
     """The LM head on response positions only + chunked fp32 log-probs == full logits + `sequence_logps`."""
-    import spin.logps as pairs_mod
-    from spin.logps import TokenLogps, collate, encode_all, forward_logps, sequence_logps
+    import spinlm.logps as pairs_mod
+    from spinlm.logps import TokenLogps, collate, encode_all, forward_logps, sequence_logps
 
     tokenizer, model = tok_model
     assert pairs_mod.lm_head_takes_mask(model)  # a transformers 5 Llama
@@ -279,7 +279,7 @@ def test_forward_logps_matches_sequence_logps(
 
 def test_token_logps_bf16_logits() -> None:
     """bf16 logits: log-probs computed in fp32 from them, gradient returned in bf16."""
-    from spin.logps import TokenLogps
+    from spinlm.logps import TokenLogps
 
     gen = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(10, 50, generator=gen)).bfloat16().requires_grad_()
@@ -297,8 +297,8 @@ def test_token_logps_bf16_logits() -> None:
 
 def test_sft_train_stops_when_told(tok_model: tuple[Any, Any]) -> None:
     """`stop(step)` is asked every `check_every` steps, in eval mode; the first True ends training there."""
-    from spin.tasks import get_task
-    from spin.trainer import sft_train
+    from spinlm.tasks import get_task
+    from spinlm.trainer import sft_train
 
     tok, model = tok_model
     model = copy.deepcopy(model)  # the fixture's model is shared
@@ -354,7 +354,7 @@ def test_step_one_accuracy_is_one_half_when_the_policy_is_the_reference(
 
 
 def test_reward_wins_counts_rounding_as_a_tie() -> None:
-    from spin.loss import reward_wins, tie_rtol
+    from spinlm.loss import reward_wins, tie_rtol
 
     rtol = tie_rtol(torch.float32)
     scale = torch.tensor([100.0, 100.0, 100.0, 100.0])

@@ -1,4 +1,4 @@
-"""`spin run` under DDP (2 CPU processes, gloo) trains exactly like 1 process with the same global batch.
+"""`spinlm run` under DDP (2 CPU processes, gloo) trains exactly like 1 process with the same global batch.
 
 The 2-process run is launched with `torch.distributed.run` and `ACCELERATE_USE_CPU=true` (accelerate then
 uses DDP over gloo; `accelerate launch --cpu` starts a single process unless run under mpirun). It plays
@@ -28,9 +28,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from spin.config import config_to_yaml
-from spin.modeling import load_model, load_tokenizer
-from spin.trainer import train_iteration
+from spinlm.config import config_to_yaml
+from spinlm.modeling import load_model, load_tokenizer
+from spinlm.trainer import train_iteration
 
 
 def _free_port() -> int:
@@ -71,7 +71,7 @@ def test_ddp_two_processes_match_one_process_with_accumulation(
         "--nproc_per_node=2",
         f"--master_port={_free_port()}",
         "-m",
-        "spin.cli",
+        "spinlm.cli",
         "run",
         str(tmp_path / "cfg.yaml"),
     ]

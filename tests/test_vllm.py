@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 import torch
 
-from spin.config import GenerationConfig, ModelConfig, VllmConfig, load_config
-from spin.errors import SpinError
-from spin.generation import Generation, generate_responses
-from spin.modeling import checkpoint_of, forget_checkpoint, load_model, load_tokenizer
-from spin.vllm_engine import auto_choice, vllm_available
+from spinlm.config import GenerationConfig, ModelConfig, VllmConfig, load_config
+from spinlm.errors import SpinError
+from spinlm.generation import Generation, generate_responses
+from spinlm.modeling import checkpoint_of, forget_checkpoint, load_model, load_tokenizer
+from spinlm.vllm_engine import auto_choice, vllm_available
 
 needs_vllm = [
     pytest.mark.vllm,
@@ -51,7 +51,7 @@ def lm(tiny_dir: Path) -> tuple[Any, Any]:
 @pytest.fixture(scope="module")
 def prompts() -> list[list[dict]]:
     """12 grammar prompts of different lengths (a system message of varied length in front of some)."""
-    from spin.tasks import GRAMMAR_KEYS
+    from spinlm.tasks import GRAMMAR_KEYS
 
     out = []
     for i, key in enumerate(GRAMMAR_KEYS[:12]):
@@ -93,7 +93,7 @@ def test_greedy_replies_and_stop_strings_equal_the_generate_engine(
     want = generate_responses(*lm, prompts, _cfg(**cfg), seed=0, greedy=True)
     cut = [i for i, (w, r) in enumerate(zip(want, reference)) if w != r]
     assert 0 < len(cut) < len(prompts)  # the stop string cuts some replies, not all
-    with caplog.at_level(logging.INFO, logger="spin.vllm_engine"):
+    with caplog.at_level(logging.INFO, logger="spinlm.vllm_engine"):
         got = generate_responses(*lm, prompts, _cfg(engine="vllm", **cfg), seed=0, greedy=True)
     assert got == want
     for i in cut:
@@ -120,7 +120,7 @@ def test_sampled_sharded_run_resumes_with_one_reply_per_prompt(
         if s == 0:
             raise KeyboardInterrupt
 
-    with caplog.at_level(logging.INFO, logger="spin.vllm_engine"), pytest.raises(KeyboardInterrupt):
+    with caplog.at_level(logging.INFO, logger="spinlm.vllm_engine"), pytest.raises(KeyboardInterrupt):
         generate_responses(model, tok, prompts, cfg, seed=7, shard_dir=out, on_shard=stop_after_shard_0)
     assert "temporary copy" in caplog.text and _no_engine_processes()
     assert [p.name for p in sorted(out.glob("shard_*.jsonl"))] == ["shard_00000.jsonl"]
@@ -165,9 +165,9 @@ def test_one_iteration_spin_run_with_the_vllm_engine(tiny_dir: Path, tmp_path: P
             "eval.batch_size=32",
         ],
     )
-    from spin.loop import run
+    from spinlm.loop import run
 
-    with caplog.at_level(logging.INFO, logger="spin.vllm_engine"):
+    with caplog.at_level(logging.INFO, logger="spinlm.vllm_engine"):
         summary = run(cfg)
     assert [it["iteration"] for it in summary["iterations"]] == [0, 1]
     pairs = [json.loads(line) for line in (run_dir / "iteration_1" / "pairs.jsonl").open()]
@@ -186,7 +186,7 @@ def test_smollm2_greedy_replies_agree_with_the_generate_engine(smollm2_dir: Path
     word problems, 64 new tokens, greedy, float32 both. Exact equality is not guaranteed: vLLM's CPU kernels
     add in another order than torch's, which can flip a near-tie argmax and with it the rest of a reply; so
     at least 95% of the replies must be identical, and every reply must share a prefix with the oracle."""
-    from spin.tasks import make_word_problem_examples
+    from spinlm.tasks import make_word_problem_examples
 
     model = load_model(smollm2_dir, ModelConfig(), device=torch.device("cpu")).eval()
     tok = load_tokenizer(smollm2_dir, ModelConfig())
@@ -206,8 +206,8 @@ def test_smollm2_greedy_replies_agree_with_the_generate_engine(smollm2_dir: Path
 
 @_vllm
 def test_sampling_settings_map_onto_vllm(lm: tuple[Any, Any]) -> None:
-    from spin.engines import Sampler, Spec
-    from spin.vllm_engine import sampling_params
+    from spinlm.engines import Sampler, Spec
+    from spinlm.vllm_engine import sampling_params
 
     cfg = GenerationConfig(temperature=0.7, top_p=0.9, top_k=0, max_new_tokens=33, stop_strings=["##"])
     spec = Spec(lm[1], 33, 4, frozenset({5, 9}), 0, ("##",), Sampler(cfg, 0), cfg, 3)
@@ -245,7 +245,7 @@ def test_vllm_settings_validate_and_load_from_overrides() -> None:
 
 
 def test_runs_started_before_the_vllm_settings_still_resume() -> None:
-    from spin.resume import config_differences
+    from spinlm.resume import config_differences
 
     old = load_config(None, ["task=addition"]).to_dict()
     del old["generation"]["vllm"]
@@ -261,15 +261,15 @@ def test_engine_vllm_without_vllm_says_how_to_install_it(
 ) -> None:
     with pytest.raises(SpinError, match="needs vLLM") as e:
         generate_responses(*lm, prompts[:2], _cfg(engine="vllm"), seed=0)
-    assert "spin[vllm]" in (e.value.hint or "")
+    assert "spinlm[vllm]" in (e.value.hint or "")
 
 
 def test_auto_uses_vllm_only_on_a_gpu(lm: tuple[Any, Any], monkeypatch: Any, caplog: Any) -> None:
-    import spin.vllm_engine as ve
+    import spinlm.vllm_engine as ve
 
     monkeypatch.setattr(ve, "vllm_available", lambda: True)
     monkeypatch.setattr(ve, "_SAID_CPU", [])
-    with caplog.at_level(logging.INFO, logger="spin.vllm_engine"):
+    with caplog.at_level(logging.INFO, logger="spinlm.vllm_engine"):
         assert auto_choice(lm[0]) is None  # on CPU: start-up costs minutes, so only when asked for
     assert "set generation.engine=vllm" in caplog.text
     monkeypatch.setattr(ve, "model_device", lambda m: torch.device("cuda:0"))
@@ -280,7 +280,7 @@ def test_auto_uses_vllm_only_on_a_gpu(lm: tuple[Any, Any], monkeypatch: Any, cap
 
 
 def test_loaded_models_know_their_folder_until_trained(tiny_dir: Path, prompts: list[list[dict]]) -> None:
-    from spin.trainer import sft_train
+    from spinlm.trainer import sft_train
 
     model = load_model(tiny_dir, ModelConfig(), device=torch.device("cpu"))
     assert checkpoint_of(model) == str(tiny_dir)

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from spin.config import GenerationConfig, ModelConfig
-from spin.generation import generate_responses
-from spin.modeling import load_model, load_tokenizer
-from spin.tasks import get_task
+from spinlm.config import GenerationConfig, ModelConfig
+from spinlm.generation import generate_responses
+from spinlm.modeling import load_model, load_tokenizer
+from spinlm.tasks import get_task
 
 # The settings the test repeats in a single process.
 NUM_PROMPTS, SEED = 22, 7
