@@ -8,7 +8,7 @@ scaling different), engine `refill` (auto would time the engines only at the lar
 `--gen-batch-size` for generation and `--batch-size` pairs per step, max_length `--max-length`, RMSprop at
 5e-7, 1 epoch, gradient checkpointing on (spin's defaults); fp32 unless `--precision bf16` (train.precision:
 bf16 autocast in training and in scoring the reference, as the policy runs) and `--gen-dtype bfloat16`
-(generation.dtype: the engines sample from a bf16 copy), each ~1.7-1.8x faster on a CPU with AMX, ~3x slower without (docs/results.md).
+(generation.dtype: the engines sample from a bf16 copy), each ~1.7-1.8x faster on a CPU with AMX, ~3x slower on a CPU measured without AMX (docs/results/training.md).
 Evaluation runs on the same `--eval-size` held-out questions at every size: each size's data file holds
 those questions plus its first `size` others, and the held-out questions are the ones spin's own split
 (`spinlm.data.split_holdout`, a hash of seed and prompt) ranks first over the whole GSM8K file, so spin holds
@@ -111,6 +111,7 @@ def spin_config(args: argparse.Namespace, size: int) -> Any:
         "train.batch_size": args.batch_size,
         "train.max_length": args.max_length,
         "train.precision": args.precision,
+        "train.padding_free": not args.padded,
         "eval.batch_size": args.eval_batch_size,
         "eval.num_samples": 2,
     }
@@ -160,10 +161,11 @@ def stage_work(args: argparse.Namespace, size: int) -> dict[str, Any]:
     """The work each stage did at this size, recomputed from its run folder the way spin batches it.
 
     generate: sampled tokens (`num_tokens` in the generation shards) and prompt tokens (each prefilled once);
-    score: positions of the (B, T) batches `spinlm.logps.score_logps` ran (each side sorted by length,
-    `eval.batch_size` rows, padded to the batch's longest) and the real tokens among them; train: positions
-    of the (2B, T) micro-batches in `spinlm.trainer.plan_batches`' order (padded to the longest real or
-    generated sequence of the batch) and the real tokens among them."""
+    score: positions of the batches `spinlm.logps.score_logps` ran (each side sorted by length,
+    `eval.batch_size` sequences, packed into rows without padding under `train.padding_free`, else padded to
+    the batch's longest) and the real tokens among them; train: positions of the micro-batches of 2B
+    sequences in `spinlm.trainer.plan_batches`' order (packed, or padded to the longest) and the real tokens
+    among them."""
     from spinlm.config import scheduled
     from spinlm.io import read_jsonl
     from spinlm.logps import encode_all
@@ -181,20 +183,32 @@ def stage_work(args: argparse.Namespace, size: int) -> dict[str, Any]:
     work = {"generated_tokens": sum(int(g["num_tokens"]) for g in gens)}
     work["prompt_tokens"] = sum(e.prompt_len for e in prompt_only)
     work["score_positions"] = work["score_tokens"] = 0
+    pack = cfg.train.padding_free  # SmolLM2 packs (spinlm.logps.can_pack)
     for side in ("chosen", "rejected"):
         lengths = sorted((len(getattr(f, side).input_ids) for f in feats), reverse=True)
         for b in range(0, len(lengths), cfg.eval.batch_size):
-            chunk = lengths[b : b + cfg.eval.batch_size]  # sorted: the first is the batch's width
-            work["score_positions"] += chunk[0] * len(chunk)
+            chunk = lengths[b : b + cfg.eval.batch_size]
+            work["score_positions"] += batch_positions(chunk, pack)
             work["score_tokens"] += sum(chunk)
     epochs = float(scheduled(cfg.train.epochs, 1))
     work["train_steps"], micro = plan_batches(len(feats), cfg.train, epochs, cfg.seed * 1000 + 1, 1)
     work["train_positions"] = work["train_tokens"] = 0
     for batch in micro:
         lengths = [len(s.input_ids) for i in batch for s in (feats[i].chosen, feats[i].rejected)]
-        work["train_positions"] += max(lengths) * len(lengths)
+        work["train_positions"] += batch_positions(lengths, pack)
         work["train_tokens"] += sum(lengths)
     return work
+
+
+def batch_positions(lengths: list[int], packed: bool) -> int:
+    """Positions the forward pass runs for sequences of these lengths: the padded (N, T) batch, or the
+    (R, L) rows `spinlm.logps.pack_batch` packs them into."""
+    from spinlm.logps import pack_rows
+
+    if not packed:
+        return max(lengths) * len(lengths)
+    rows = pack_rows(lengths, max(lengths))
+    return len(rows) * max(sum(lengths[i] for i in row) for row in rows)
 
 
 # The work unit per stage (stage_work's key) that its seconds are divided by.
@@ -286,12 +300,15 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--precision",
         default="auto",
-        help="train.precision (auto: fp32 on CPU; bf16: autocast, ~1.7x faster with AMX only)",
+        help="train.precision (auto: bf16 autocast on a CPU with AMX, fp32 on others)",
     )
     p.add_argument(
         "--gen-dtype",
-        default="model",
-        help="generation.dtype (model: fp32; bfloat16: ~1.8x faster with AMX only)",
+        default="auto",
+        help="generation.dtype (auto: bfloat16 on a CPU with AMX, the model's fp32 on others)",
+    )
+    p.add_argument(
+        "--padded", action="store_true", help="train.padding_free=false: padded batches, as before packing"
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=None, help="model folder (default: runs/smollm2, made once)")

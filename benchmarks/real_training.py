@@ -11,14 +11,18 @@ benchmarks/real_memory.py does: the length SmolLM2's temperature-1 samples often
 Three trainers, one epoch over the same pairs, each in its own fresh process (benchmarks/training.py's
 workers, which set every setting TRL has another default for explicitly and equally: RMSprop, learning rate,
 linear schedule with warmup 0.1, 1 epoch, batch `--batch-size`, max_length `--max-length` (never reached
-by these pairs, so neither trainer truncates), clipping 1.0, beta 0.1, sigmoid loss, fp32 (bf16=False on
+by these pairs, so neither trainer truncates), clipping 1.0, beta 0.1, sigmoid loss, fp32 weights, `--precision` compute (fp32 by default; bf16: autocast, TRL bf16=True on
 CPU), no dropout; gradient checkpointing on for both as in spin's default, non-reentrant, or off for both
 with `--no-gradient-checkpointing`):
 
 - `spin`: the reference pass (`spinlm.logps.score_logps`, as `spinlm run` does when it builds the pairs), then
-  `spinlm.trainer.train_iteration`;
+  `spinlm.trainer.train_iteration`, sequences packed into rows without padding (`train.padding_free`, default);
+- `spin_padded`: the same with padded batches (`train.padding_free: false`), spin before packing;
 - `trl_live`: `DPOTrainer` with a live reference model (a second copy, one extra forward per step);
 - `trl_precompute`: `DPOTrainer(precompute_ref_log_probs=True)` (the reference pass in its constructor).
+  TRL 1.16's `padding_free=True` is not offered: the trainer warns that it "is temporarily unavailable after a
+  refactor and is currently disabled" and falls back to padding (trl/trainer/dpo_trainer.py), so
+  precomputed reference log-probs are TRL's fastest setting that runs here.
 
 Reported per trainer: seconds of the reference pass and of training, pairs/s of training alone and of
 reference + training, trained tokens/s (both sequences of every pair, prompt included, padding not; counted
@@ -59,7 +63,7 @@ from real_common import (
     smollm2_folder,
 )
 
-VARIANTS = ("spin", "trl_live", "trl_precompute")
+VARIANTS = ("spin", "spin_padded", "trl_live", "trl_precompute")  # spin_padded: padding_free=false
 TRAINING = REPO / "benchmarks" / "training.py"  # its --worker mode runs one trainer
 
 
@@ -205,7 +209,7 @@ def run_trainers(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     for variant in args.variants:
         cmd = [sys.executable, str(TRAINING), "--worker", variant, "--workdir", str(work)]
         cmd += ["--batch-size", str(args.batch_size), "--lr", str(args.lr), "--threads", str(args.threads)]
-        cmd += ["--max-length", str(args.max_length)]
+        cmd += ["--max-length", str(args.max_length), "--precision", args.precision]
         cmd += ["--gradient-checkpointing"] if args.gradient_checkpointing else []
         r = run_worker(cmd, env)
         results.append(r)
@@ -225,7 +229,7 @@ def add_rates(r: dict[str, Any], n_pairs: int, tokens: int, params: int, gflops:
 def print_table(args: argparse.Namespace, setup: dict[str, Any], results: list[dict[str, Any]]) -> None:
     gc = "on" if args.gradient_checkpointing else "off"
     print(
-        f"\nSmolLM2-135M-Instruct ({setup['parameters'] / 1e6:.1f}M parameters, fp32), {setup['pairs']} GSM8K "
+        f"\nSmolLM2-135M-Instruct ({setup['parameters'] / 1e6:.1f}M parameters, {args.precision}), {setup['pairs']} GSM8K "
         f"pairs (rejected: {args.rejected}), {setup['tokens']} trained tokens (longest sequence "
         f"{setup['longest']}), batch {args.batch_size}, max_length {args.max_length}, 1 epoch, gradient "
         f"checkpointing {gc}, {args.threads} thread(s); matmul limit {setup['matmul_gflops']:.1f} GFLOP/s, "
@@ -243,7 +247,7 @@ def print_table(args: argparse.Namespace, setup: dict[str, Any], results: list[d
             f"| {r['pct_of_matmul_limit']:.2f} | {r['peak_rss_mb']:.0f} | {r['process_s']:.0f} |"
         )
     by = {r["variant"]: r for r in results}
-    for other in ("trl_live", "trl_precompute"):
+    for other in ("spin_padded", "trl_live", "trl_precompute"):
         if "spin" in by and other in by:
             a, b = by["spin"], by[other]
             print(
@@ -271,6 +275,9 @@ def parse_args() -> argparse.Namespace:
         help="turn activation checkpointing off for every trainer (default on: spin's default)",
     )
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32", help="compute precision (bf16: autocast)"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads, every worker and the matmul")
     p.add_argument("--mmap-threshold", type=int, default=2**20, help="MALLOC_MMAP_THRESHOLD_ (0: glibc's)")
     p.add_argument("--model", default=None, help="model folder (default: runs/smollm2, made once)")

@@ -56,7 +56,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("trl_live", "trl_precompute", "spin")
+VARIANTS = ("trl_live", "trl_precompute", "spin", "spin_padded")  # spin_padded: train.padding_free=false
 H100_BF16_DENSE = 989e12  # FLOP/s, H100 SXM dense bf16 (no sparsity)
 
 
@@ -136,6 +136,8 @@ def peak_memory_mb(device: Any) -> float:
 
 
 def run_spin(args: argparse.Namespace, work: Path, pairs: list[dict], device: Any, dtype: Any) -> dict:
+    import torch
+
     from spinlm.config import ModelConfig, TrainConfig
     from spinlm.logps import score_logps
     from spinlm.modeling import load_model, load_tokenizer
@@ -144,27 +146,30 @@ def run_spin(args: argparse.Namespace, work: Path, pairs: list[dict], device: An
     tokenizer = load_tokenizer(work / "model", ModelConfig())
     model = load_model(work / "model", ModelConfig(), device=device, dtype=dtype)
     prompts = [p["prompt"] for p in pairs]
+    packed = args.worker != "spin_padded"  # sequences packed into rows without padding (spinlm.logps)
     t0, c0 = time.perf_counter(), time.process_time()
     # The reference pass of `spinlm run`: both sides scored by the opponent, 2B sequences per batch as in training.
-    real = score_logps(
-        model,
-        tokenizer,
-        prompts,
-        [p["chosen"][0]["content"] for p in pairs],
-        args.max_length,
-        2 * args.batch_size,
-    )
-    gen = score_logps(
-        model,
-        tokenizer,
-        prompts,
-        [p["rejected"][0]["content"] for p in pairs],
-        args.max_length,
-        2 * args.batch_size,
-    )
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision(args, device) == "bf16")
+    with autocast:  # the reference under the training's autocast, as spinlm.opponent scores it
+        real = score_logps(
+            model,
+            tokenizer,
+            prompts,
+            [p["chosen"][0]["content"] for p in pairs],
+            args.max_length,
+            2 * args.batch_size,
+            packed=packed,
+        )
+        gen = score_logps(
+            model,
+            tokenizer,
+            prompts,
+            [p["rejected"][0]["content"] for p in pairs],
+            args.max_length,
+            2 * args.batch_size,
+            packed=packed,
+        )
     if device.type == "cuda":
-        import torch
-
         torch.cuda.synchronize()
     ref_seconds, ref_cpu = time.perf_counter() - t0, time.process_time() - c0
     rows = [{**p, "ref_chosen_logps": c, "ref_rejected_logps": r} for p, c, r in zip(pairs, real, gen)]
@@ -182,7 +187,8 @@ def run_spin(args: argparse.Namespace, work: Path, pairs: list[dict], device: An
         weight_decay=0.0,
         max_grad_norm=1.0,
         max_length=args.max_length,
-        precision="bf16" if device.type == "cuda" else "fp32",
+        precision=precision(args, device),
+        padding_free=packed,
         gradient_checkpointing=args.gradient_checkpointing,
         save_steps=0,
         logging_steps=10**9,
@@ -190,8 +196,6 @@ def run_spin(args: argparse.Namespace, work: Path, pairs: list[dict], device: An
     t1, c1 = time.perf_counter(), time.process_time()
     result = train_iteration(model, tokenizer, rows, cfg, iteration=1, run_seed=0, log_dir=work / "spin_log")
     if device.type == "cuda":
-        import torch
-
         torch.cuda.synchronize()
     return {
         "ref_seconds": ref_seconds,
@@ -200,6 +204,11 @@ def run_spin(args: argparse.Namespace, work: Path, pairs: list[dict], device: An
         "train_cpu": time.process_time() - c1,
         "steps": result.steps,
     }
+
+
+def precision(args: argparse.Namespace, device: Any) -> str:
+    """Both trainers' compute precision: bf16 autocast on a GPU, `--precision` on CPU (fp32 by default)."""
+    return "bf16" if device.type == "cuda" else args.precision
 
 
 def run_trl(
@@ -230,7 +239,7 @@ def run_trl(
         beta=0.1,
         loss_type=["sigmoid"],
         max_length=args.max_length,
-        bf16=gpu,
+        bf16=precision(args, device) == "bf16",  # accelerate's autocast over fp32 weights on CPU
         fp16=False,
         use_cpu=not gpu,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -278,7 +287,7 @@ def worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # What each trainer imports (spin does not need trl or datasets), before any model exists: the baseline.
-    if args.worker == "spin":
+    if args.worker.startswith("spin"):
         import spinlm.trainer  # noqa: F401
     else:
         import datasets  # noqa: F401
@@ -293,7 +302,7 @@ def worker(args: argparse.Namespace) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         baseline = 0.0
-    if args.worker == "spin":
+    if args.worker.startswith("spin"):
         out = run_spin(args, work, pairs, device, dtype)
     else:
         out = run_trl(args, work, pairs, device, dtype, live=args.worker == "trl_live")
@@ -337,6 +346,9 @@ def main() -> None:
         help="glibc MALLOC_MMAP_THRESHOLD_ for every worker (0: glibc's default); see the docstring",
     )
     parser.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    parser.add_argument(
+        "--precision", choices=("fp32", "bf16"), default="fp32", help="CPU compute precision, both trainers"
+    )
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     parser.add_argument("--max-length", type=int, default=None, help=argparse.SUPPRESS)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 
 import spinlm.generation as gen
 from spinlm.config import GenerationConfig
-from spinlm.engines import Sampler, Spec
+from spinlm.engines import Sampler
 from spinlm.generation import generate_responses, supported_engines
 from spinlm.modeling import encode, load_model, load_tokenizer, render_prompt
 
@@ -205,98 +204,47 @@ def test_stopped_generation_resumes_from_last_finished_shard(
     assert resumed == uninterrupted
 
 
-def test_auto_measures_logs_and_records_its_choice(
+def test_auto_picks_by_rule_without_timing_logs_and_records(
     lm: tuple[Any, Any], prompts: list[list[dict]], tmp_path: Path, monkeypatch: Any, caplog: Any
 ) -> None:
-    monkeypatch.setattr(gen, "_ENGINE_CACHE", {})
+    """auto runs no timing probes: the generation itself is the only engine call (refill, which supports
+    this Llama), the choice and why are logged and recorded for a resume."""
     monkeypatch.setattr(gen, "_LOGGED", set())
-    monkeypatch.setattr(gen, "PERSIST_MIN_PROBE", 1)  # record even this 1-prompt probe
-    timed: list[str] = []
+    called: list[str] = []
     for name, fn in list(gen._ENGINE_FNS.items()):
 
         def wrapped(*args: Any, _fn: Any = fn, _name: str = name) -> Any:
-            timed.append(_name)
+            called.append(_name)
             return _fn(*args)
 
         monkeypatch.setitem(gen._ENGINE_FNS, name, wrapped)
-    cfg = _cfg(engine="auto", batch_size=1, max_new_tokens=4)  # 12 prompts = 12 batches: worth measuring
+    cfg = _cfg(engine="auto", batch_size=1, max_new_tokens=4)  # 12 batches: the old auto timed engines here
     with caplog.at_level(logging.INFO, logger="spinlm.generation"):
         first = generate_responses(*lm, prompts, cfg, seed=0, shard_dir=tmp_path / "a")
+    assert set(called) == {"refill"}  # one call per shard, no probe of any other engine
     record = json.loads((tmp_path / "a" / "engine.json").read_text())
-    assert record["engine"] in ENGINES and "median of 3 probes of 1 prompts" in record["reason"]
-    assert all(e in record["reason"] for e in ENGINES)  # every engine was timed
-    assert f"engine {record['engine']}" in caplog.text and "refill" in caplog.text
-    assert sorted(timed[:9]) == sorted(ENGINES * 3)  # 3 interleaved rounds, then the generation itself
-    assert timed[:3] == ENGINES and timed[3:6] == ENGINES[1:] + ENGINES[:1]
-    timed.clear()
-    second = generate_responses(*lm, prompts, cfg, seed=0)  # cached choice: no probe this time
-    assert timed == [record["engine"]] and len(second) == len(first) == len(prompts)
+    assert record == {"engine": "refill", "reason": "default where the model supports it"}
+    assert "engine refill: default where the model supports it" in caplog.text
+    named = generate_responses(*lm, prompts, _cfg(engine="refill", batch_size=1, max_new_tokens=4), seed=0)
+    assert [g.text for g in first] == [g.text for g in named]  # auto = refill here, same samples
 
     # A resumed generation keeps the engine it started with, whatever auto would say now.
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "engine.json").write_text(json.dumps({"engine": "generate", "reason": "test"}))
-    timed.clear()
+    called.clear()
     generate_responses(*lm, prompts, cfg, seed=0, shard_dir=tmp_path / "b")
-    assert timed == ["generate"]
+    assert set(called) == {"generate"}
 
 
-def _fake_engines(monkeypatch: Any, seconds: dict[str, list[float]]) -> None:
-    """Engines that take `seconds[name][k]` on their k-th call (last value repeats) on a fake clock."""
-    now = [0.0]
-    calls: dict[str, int] = {}
-    monkeypatch.setattr(gen, "time", SimpleNamespace(perf_counter=lambda: now[0]))
-    for name in ENGINES:
-
-        def fake(model: Any, ids: list, keys: list, spec: Any, on_done: Any, _name: str = name) -> Any:
-            k = calls.setdefault(_name, 0)
-            calls[_name] += 1
-            now[0] += seconds[_name][min(k, len(seconds[_name]) - 1)]
-            return [[5] for _ in ids]
-
-        monkeypatch.setitem(gen._ENGINE_FNS, name, fake)
-
-
-def test_auto_keeps_the_quiet_machine_choice_under_an_injected_slow_probe(
-    lm: tuple[Any, Any], monkeypatch: Any
-) -> None:
-    # Quiet machine: refill 1.0 s, generate 1.2 s, continuous 5.0 s. Refill's first probe is slowed 70x (as
-    # beside another job): a one-shot probe would pick generate, the median of 3 keeps refill.
-    monkeypatch.setattr(gen, "_ENGINE_CACHE", {})
-    _fake_engines(monkeypatch, {"refill": [70.0, 1.0], "generate": [1.2], "continuous": [5.0]})
-    spec = Spec(lm[1], 4, 1, frozenset({5}), 0, (), None, _cfg(batch_size=1), 0)
-    engine, reason, persist = gen._choose_engine(lm[0], [[1, 2, 3]] * 12, spec, None)
-    assert engine == "refill" and "refill 1.00s" in reason and "generate 1.20s" in reason
-    assert not persist and "not recorded" in reason  # a 1-prompt probe is not written to engine.json
-
-    # Slightly faster (1.2x) is not enough to leave the default; clearly faster (2x) is.
-    for generate_s, expected in ((0.85, "refill"), (0.5, "generate")):
-        monkeypatch.setattr(gen, "_ENGINE_CACHE", {})
-        _fake_engines(monkeypatch, {"refill": [1.0], "generate": [generate_s], "continuous": [5.0]})
-        assert gen._choose_engine(lm[0], [[1, 2, 3]] * 12, spec, None)[0] == expected
-
-
-def test_a_small_probe_writes_no_engine_json(
-    lm: tuple[Any, Any], prompts: list[list[dict]], tmp_path: Path, monkeypatch: Any
-) -> None:
-    monkeypatch.setattr(gen, "_ENGINE_CACHE", {})
-    cfg = _cfg(engine="auto", batch_size=1, max_new_tokens=3)  # a probe of 1 prompt < PERSIST_MIN_PROBE
-    generate_responses(*lm, prompts, cfg, seed=0, shard_dir=tmp_path / "gen")
-    assert not (tmp_path / "gen" / "engine.json").exists()
-    assert (tmp_path / "gen" / "shard_00000.jsonl").exists()
-
-
-def test_few_prompts_skip_the_probe(lm: tuple[Any, Any], prompts: list[list[dict]], monkeypatch: Any) -> None:
-    monkeypatch.setattr(gen, "_ENGINE_CACHE", {})
-    engine, reason, persist = gen._choose_engine(
-        lm[0], [[1, 2, 3]] * 5, Spec(lm[1], 4, 4, frozenset({5}), 0, (), None, _cfg(), 0), None
-    )
-    assert engine == "refill" and "fewer than" in reason and persist
+def test_auto_falls_back_to_generate_where_refill_cannot(lm: tuple[Any, Any], monkeypatch: Any) -> None:
+    monkeypatch.setattr(gen, "refill_supported", lambda model: False)
+    engine, reason = gen._choose_engine(lm[0])
+    assert engine == "generate" and "refill does not support" in reason
 
 
 def test_the_engine_choice_is_logged_once(
     lm: tuple[Any, Any], prompts: list[list[dict]], monkeypatch: Any, caplog: Any
 ) -> None:
-    monkeypatch.setattr(gen, "_ENGINE_CACHE", {})
     monkeypatch.setattr(gen, "_LOGGED", set())
     with caplog.at_level(logging.INFO, logger="spinlm.generation"):
         for desc in ("eval samples", "eval greedy", "generate 1"):
@@ -304,7 +252,7 @@ def test_the_engine_choice_is_logged_once(
     lines = [
         r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "engine" in r.getMessage()
     ]
-    assert lines == ["eval samples: engine refill: default for fewer than 12 batches of prompts"]
+    assert lines == ["eval samples: engine refill: default where the model supports it"]
 
 
 def test_empty_prompt_list(lm: tuple[Any, Any]) -> None:
@@ -327,11 +275,22 @@ def test_generation_dtype_samples_from_a_cast_copy(lm: tuple[Any, Any], prompts:
     assert copy is not model and next(copy.parameters()).dtype == torch.bfloat16
     for name, value in copy.state_dict().items():
         assert torch.equal(value, before[name].to(torch.bfloat16)), name
-    assert gen.generation_model(model, _cfg()) is model  # dtype: model (the default) makes no copy
+    assert gen.generation_model(model, _cfg(dtype="model")) is model  # the model's own dtype: no copy
+    assert gen.generation_model(model, _cfg()) is model  # auto on a CPU without fast bf16 (the suite's)
     assert gen.generation_model(model, _cfg(dtype="float32")) is model  # already that dtype
     out = generate_responses(model, tok, prompts, _cfg(dtype="bfloat16"), seed=0, greedy=True)
     assert len(out) == len(prompts) and all(g.num_tokens > 0 for g in out)
     assert all(torch.equal(v, before[k]) and v.dtype == torch.float32 for k, v in model.state_dict().items())
+
+
+def test_generation_dtype_auto_is_bf16_where_bf16_is_fast(lm: tuple[Any, Any], monkeypatch: Any) -> None:
+    """auto: a bf16 copy of an fp32 model on a CPU with AMX; the model itself elsewhere."""
+    model, _ = lm
+    monkeypatch.delenv("SPINLM_CPU_BF16")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert next(gen.generation_model(model, _cfg(dtype="auto")).parameters()).dtype == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert gen.generation_model(model, _cfg(dtype="auto")) is model
 
 
 def test_generation_dtype_is_validated() -> None:

@@ -104,7 +104,10 @@ def test_cpu_tiny_recipe_is_what_spin_demo_runs() -> None:
     assert recipe["model"]["name_or_path"] == "runs/demo/sft_model" == demo["model"]["name_or_path"]
     assert recipe.pop("output_dir") != demo.pop("output_dir")  # its own run folder next to the demo's
     assert recipe == demo
-    assert [c[:2] for c in _launch_commands(RECIPES / "cpu-tiny.yaml")] == [["spinlm", "demo"], ["spinlm", "run"]]
+    assert [c[:2] for c in _launch_commands(RECIPES / "cpu-tiny.yaml")] == [
+        ["spinlm", "demo"],
+        ["spinlm", "run"],
+    ]
 
 
 def test_smollm2_demo_recipe_is_what_spin_demo_model_smollm2_runs() -> None:

@@ -6,7 +6,7 @@
   (unpadded, one sequence at a time) on the same batch.
 - Gradient accumulation: 2 micro-batches of 4 give the same SGD step as 1 batch of 8.
 - Gradient checkpointing: same losses and weights as without.
-- `precision: auto`: fp32 on CPU, bf16 on a bf16 GPU.
+- `precision: auto`: bf16 on a bf16 GPU and on a CPU with AMX, fp32 on other CPUs.
 """
 
 from __future__ import annotations
@@ -235,7 +235,14 @@ def test_gradient_checkpointing_gives_same_training(
 
 
 def test_precision_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: bf16 on a bf16 GPU and on a CPU with AMX (or SPINLM_CPU_BF16=1), fp32 on other CPUs."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("SPINLM_CPU_BF16")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert resolve_precision("auto") == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_precision("auto") == "bf16"
+    monkeypatch.setenv("SPINLM_CPU_BF16", "0")
     assert resolve_precision("auto") == "fp32"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -249,11 +256,13 @@ def test_empty_pairs_is_an_error(tok_model: tuple[Any, Any], tmp_path: Path) -> 
         train_iteration(model, tokenizer, [], train_cfg(), iteration=1, run_seed=0, log_dir=tmp_path)
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("masked_head", [True, False])
 def test_forward_logps_matches_sequence_logps(
-    tok_model: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch, masked_head: bool
+    tok_model: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch, masked_head: bool, packed: bool
 ) -> None:
-    """The LM head on response positions only + chunked fp32 log-probs == full logits + `sequence_logps`."""
+    """The LM head on response positions only + chunked fp32 log-probs == full logits + `sequence_logps`,
+    with the sequences packed into rows without padding or as the padded batch; gradients too."""
     import spinlm.logps as pairs_mod
     from spinlm.logps import TokenLogps, collate, encode_all, forward_logps, sequence_logps
 
@@ -265,7 +274,7 @@ def test_forward_logps_matches_sequence_logps(
     batch = collate(encode_all(tokenizer, prompts, ["2", "6543", "", "10"], 48), tokenizer.pad_token_id)
     for normalize in (False, True):
         model.zero_grad()
-        got = forward_logps(model, batch, normalize)
+        got = forward_logps(model, batch, normalize, packed)
         got.sum().backward()
         grads = [p.grad.clone() for p in model.parameters()]
         model.zero_grad()
@@ -275,6 +284,59 @@ def test_forward_logps_matches_sequence_logps(
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got, want)
         for g, p in zip(grads, model.parameters()):
             assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_pack_rows_first_fit_decreasing() -> None:
+    """Rows never exceed the capacity (the padded width); a longer sequence gets a row of its own."""
+    from spinlm.logps import pack_rows
+
+    assert pack_rows([5, 3, 2, 4, 1], 6) == [[0, 4], [3, 2], [1]]  # 5+1, 4+2, 3
+    assert pack_rows([7, 2], 6) == [[0], [1]]
+    rows = pack_rows([random.Random(i).randint(1, 40) for i in range(50)], 40)
+    assert sorted(i for r in rows for i in r) == list(range(50))
+
+
+def test_pack_batch_layout(tok_model: tuple[Any, Any]) -> None:
+    """Packed rows hold every real token once, positions restart per sequence, nothing is scored across a
+    boundary or on filler, and the packed batch has fewer positions than the padded one."""
+    from spinlm.logps import collate, encode_all, pack_batch
+
+    tokenizer, _ = tok_model
+    prompts = [[{"role": "user", "content": "1+" * k + "1"}] for k in (9, 1, 2, 5, 1)]
+    batch = collate(encode_all(tokenizer, prompts, ["10", "2", "", "6543", "2"], 48), tokenizer.pad_token_id)
+    rows = pack_batch(batch)
+    lengths = batch["attention_mask"].sum(1)
+    assert rows["input_ids"].numel() < batch["input_ids"].numel()
+    assert rows["input_ids"].shape[1] <= batch["input_ids"].shape[1]
+    for i, n in enumerate(lengths.tolist()):
+        r, t = (rows["owner"] == i).nonzero(as_tuple=True)  # positions t predicting a token of sequence i
+        assert len(set(r.tolist())) == 1  # one row
+        t = t + 1  # the tokens themselves: all n, or all but the first when i starts its row
+        assert torch.equal(rows["input_ids"][r, t], batch["input_ids"][i, n - len(t) : n])
+        assert torch.equal(rows["position_ids"][r, t], torch.arange(n - len(t), n))
+        scored = rows["scored"][r, t - 1]  # exactly the reply's tokens, never the first of a sequence
+        assert torch.equal(scored, batch["loss_mask"][i, n - len(t) : n] & (torch.arange(n - len(t), n) > 0))
+    assert not rows["scored"][rows["owner"] == -1].any()
+
+
+def test_forward_logps_falls_back_to_padding(
+    tok_model: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An attention implementation that ignores packed position_ids runs the padded batch."""
+    import spinlm.logps as logps_mod
+    from spinlm.logps import can_pack, collate, encode_all, forward_logps
+
+    tokenizer, model = tok_model
+    assert can_pack(model)
+    with monkeypatch.context() as m:
+        m.setattr(model.config, "_attn_implementation", "some_kernel")
+        assert not can_pack(model)
+    monkeypatch.setattr(logps_mod, "can_pack", lambda m: False)
+    monkeypatch.setattr(logps_mod, "pack_batch", lambda b: pytest.fail("packed a model that cannot pack"))
+    prompts = [[{"role": "user", "content": "1+" * k + "1"}] for k in (1, 5)]
+    batch = collate(encode_all(tokenizer, prompts, ["2", "6"], 48), tokenizer.pad_token_id)
+    with torch.no_grad():
+        assert forward_logps(model, batch).shape == (2,)
 
 
 def test_token_logps_bf16_logits() -> None:

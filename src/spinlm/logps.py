@@ -6,6 +6,12 @@ reference formula on full logits. The SPIN loss itself is in `spinlm.loss` (pure
 - `encode_all` / `collate`: prompt + reply token ids (`spinlm.modeling.encode_response`, the chat template's
   rendering) right-padded into (N, T) `input_ids`, `attention_mask` and a `loss_mask` that is 1 on the reply.
 - `forward_logps`: what training (`spinlm.trainer`), reference scoring (`spinlm.opponent`) and evaluation run.
+  Padding-free (`train.padding_free`, on by default): the batch's sequences are packed back to back into
+  rows no longer than its padded width (`pack_rows`, first-fit decreasing; `pack_batch`), `position_ids`
+  restarting at every sequence and no attention mask, from which transformers builds a block-diagonal causal
+  mask, so no position is spent on padding (39-44% of trained positions on SmolLM2 / GSM8K were). Same
+  log-probs as the padded batch up to float rounding (tests: tiny model and SmolLM2 within 1e-5 relative in
+  fp32). Models that do not build their mask that way (`can_pack`) run the padded batch.
   It projects only the M positions that predict a reply token through the LM head (transformers' boolean
   `logits_to_keep`, where the model supports it) and turns the (M, V) logits into fp32 log-probs chunk by
   chunk (`TokenLogps`), keeping no (M, V) fp32 copy for the backward pass. With a 49k-150k-token vocabulary
@@ -23,6 +29,7 @@ Departs from the paper: nothing; `length_normalize=True` (off by default) averag
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -95,28 +102,97 @@ def collate(encoded: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
 
 
-def forward_logps(model: Any, batch: dict[str, torch.Tensor], length_normalize: bool = False) -> torch.Tensor:
-    """(N,) log p(response | prompt) for a collated batch, in fp32 (= `sequence_logps` below)."""
+def forward_logps(
+    model: Any, batch: dict[str, torch.Tensor], length_normalize: bool = False, packed: bool = True
+) -> torch.Tensor:
+    """(N,) log p(response | prompt) for a collated batch, in fp32 (= `sequence_logps` below).
+
+    With `packed` (and a model that `can_pack`), the batch's sequences run packed into rows without padding
+    (`pack_batch`); otherwise as the right-padded (N, T) batch with its attention mask."""
     device = next(model.parameters()).device
-    input_ids = batch["input_ids"].to(device)  # (N, T)
-    attention_mask = batch["attention_mask"].to(device)  # (N, T)
-    loss_mask = batch["loss_mask"].to(device).bool()  # (N, T)
-    scored = loss_mask[:, 1:]  # (N, T-1): token t+1 is a response token, predicted at position t
-    if lm_head_takes_mask(model):
-        keep = torch.zeros_like(loss_mask)  # (N, T) positions whose logits are needed
-        keep[:, :-1] = scored
-        logits = model(
-            input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep
-        ).logits  # (M, V)
+    n = batch["input_ids"].shape[0]
+    if packed and can_pack(model):
+        rows = pack_batch(batch)
+        inputs = {"position_ids": rows["position_ids"].to(device), "use_cache": False}  # no mask: packing
     else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][scored]  # (M, V)
+        rows = _padded_rows(batch)
+        inputs = {"attention_mask": batch["attention_mask"].to(device)}
+    input_ids = rows["input_ids"].to(device)  # (R, L)
+    scored = rows["scored"].to(device)  # (R, L-1): position t predicts a response token at t+1
+    owner = rows["owner"].to(device)[scored]  # (M,) which sequence each scored token belongs to
+    if lm_head_takes_mask(model):
+        keep = torch.zeros_like(input_ids, dtype=torch.bool)  # (R, L) positions whose logits are needed
+        keep[:, :-1] = scored
+        logits = model(input_ids=input_ids, logits_to_keep=keep, **inputs).logits  # (M, V)
+    else:
+        logits = model(input_ids=input_ids, **inputs).logits[:, :-1][scored]  # (M, V)
     targets = input_ids[:, 1:][scored]  # (M,) in the same row-major order as the logits
     token_logps = TokenLogps.apply(logits, targets)  # (M,) fp32
-    per_token = token_logps.new_zeros(scored.shape).masked_scatter(scored, token_logps)  # (N, T-1)
-    logps = per_token.sum(dim=1)  # (N,)
+    logps = token_logps.new_zeros(n).index_add(0, owner, token_logps)  # (N,) summed per sequence
     if length_normalize:
-        logps = logps / sequence_token_counts(loss_mask).clamp(min=1).to(logps.dtype)
+        counts = sequence_token_counts(batch["loss_mask"]).clamp(min=1).to(device=device, dtype=logps.dtype)
+        logps = logps / counts
     return logps
+
+
+def _padded_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The collated batch as it is: one row per sequence, `owner` the row index."""
+    input_ids = batch["input_ids"]  # (N, T)
+    n, t = input_ids.shape
+    owner = torch.arange(n)[:, None].expand(n, max(t - 1, 0))  # (N, T-1)
+    return {"input_ids": input_ids, "scored": batch["loss_mask"][:, 1:].bool(), "owner": owner}
+
+
+def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the sequence indices of each row, every row's total length <= `capacity` (a
+    longer sequence gets a row of its own). With `capacity` = the padded width, packing never makes a row
+    longer than the padded batch's, so attention (quadratic in the row length) never costs more."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def pack_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A right-padded (N, T) batch re-laid as (R, L) rows of whole sequences back to back, no padding
+    between them: `position_ids` restart at 0 for every sequence, which transformers (no attention mask,
+    no cache) turns into a block-diagonal causal mask, so each sequence attends only to itself. A row
+    shorter than the longest ends in filler (token 0, its own position run, never scored).
+
+    Returns input_ids, position_ids (R, L); scored (R, L-1), 1 where position t predicts a response token
+    of the same sequence; owner (R, L-1), the sequence index of the token at t+1 (-1 for filler)."""
+    lengths = batch["attention_mask"].sum(dim=1).tolist()  # (N,) real tokens per sequence (right padding)
+    rows = pack_rows(lengths, batch["input_ids"].shape[1])
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    input_ids = torch.zeros((len(rows), width), dtype=torch.long)  # (R, L)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)  # (R, L)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.bool)  # (R, L)
+    owner = torch.full((len(rows), width), -1, dtype=torch.long)  # (R, L) sequence of each token
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            n = lengths[i]
+            input_ids[r, at : at + n] = batch["input_ids"][i, :n]
+            position_ids[r, at : at + n] = torch.arange(n)
+            loss_mask[r, at : at + n] = batch["loss_mask"][i, :n]
+            owner[r, at : at + n] = i
+            at += n
+        position_ids[r, at:] = torch.arange(width - at)  # filler: a run of its own
+    same = owner[:, 1:] == owner[:, :-1]  # (R, L-1) t and t+1 in one sequence: never across a boundary
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "scored": loss_mask[:, 1:] & same,
+        "owner": owner[:, 1:],
+    }
 
 
 class TokenLogps(torch.autograd.Function):
@@ -159,10 +235,10 @@ class TokenLogps(torch.autograd.Function):
         return grad, None
 
 
-def lm_head_takes_mask(model: Any) -> bool:
-    """Whether the model's forward accepts a boolean (N, T) `logits_to_keep` (transformers 5 models do)."""
+def _unwrap(model: Any) -> Any:
+    """The transformers model inside DDP / DeepSpeed (.module), torch.compile (._orig_mod), peft."""
     inner = model
-    for _ in range(8):  # DDP / DeepSpeed (.module), torch.compile (._orig_mod), peft (.get_base_model())
+    for _ in range(8):
         if isinstance(getattr(inner, "module", None), torch.nn.Module):
             inner = inner.module
         elif isinstance(getattr(inner, "_orig_mod", None), torch.nn.Module):
@@ -171,12 +247,38 @@ def lm_head_takes_mask(model: Any) -> bool:
             inner = inner.get_base_model()
         else:
             break
-    cls = type(inner)
+    return inner
+
+
+def lm_head_takes_mask(model: Any) -> bool:
+    """Whether the model's forward accepts a boolean (N, T) `logits_to_keep` (transformers 5 models do)."""
+    cls = type(_unwrap(model))
     if cls not in _SLICES_LOGITS:
         _SLICES_LOGITS[cls] = _slices_logits(cls)
     return _SLICES_LOGITS[cls]
 
 
+# Attention implementations that honour packed position_ids: sdpa / eager / flex through the block-diagonal
+# mask transformers' masking_utils builds from them, flash-attention through its varlen path.
+PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+
+
+def can_pack(model: Any) -> bool:
+    """Whether the model runs sequences packed into one row correctly: a transformers model whose module
+    builds its attention mask with `masking_utils.create_causal_mask` (which reads packing from
+    position_ids) and an attention implementation that honours it. Others run padded batches."""
+    inner = _unwrap(model)
+    config = getattr(inner, "config", None)
+    if getattr(config, "_attn_implementation", None) not in PACKING_ATTENTION:
+        return False
+    cls = type(inner)
+    if cls not in _PACKS:
+        modules = {sys.modules.get(c.__module__) for c in cls.__mro__}
+        _PACKS[cls] = any(hasattr(m, "create_causal_mask") for m in modules if m is not None)
+    return _PACKS[cls]
+
+
+_PACKS: dict[type, bool] = {}
 _SLICES_LOGITS: dict[type, bool] = {}
 
 
@@ -213,8 +315,10 @@ def score_logps(
     batch_size: int,
     length_normalize: bool = False,
     desc: str = "score",
+    packed: bool = True,
 ) -> list[float]:
-    """log p(response | prompt) for each pair, batched by length; results in input order."""
+    """log p(response | prompt) for each pair, batched by length (and packed, see `forward_logps`); results
+    in input order."""
     encoded = encode_all(tokenizer, prompts, responses, max_length)
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i].input_ids))
     out = [0.0] * len(encoded)
@@ -223,9 +327,8 @@ def score_logps(
     starts = range(0, len(order), batch_size)
     for b in track(starts, len(starts), desc, unit="batch", enabled=len(order) > batch_size):
         idx = order[b : b + batch_size]
-        logps = forward_logps(
-            model, collate([encoded[i] for i in idx], tokenizer.pad_token_id), length_normalize
-        )
+        batch = collate([encoded[i] for i in idx], tokenizer.pad_token_id)
+        logps = forward_logps(model, batch, length_normalize, packed)
         for i, v in zip(idx, logps.tolist()):
             out[i] = v
     model.train(was_training)

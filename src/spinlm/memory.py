@@ -6,7 +6,7 @@ default glibc raises its mmap threshold up to 32 MiB as large blocks are freed, 
 few MiB land on the heap, and with batch shapes changing every step the heap fragments and the resident
 set keeps the high-water mark of every shape seen. With a fixed 1 MiB threshold, tensors of 1 MiB and more
 are mmapped and go back to the OS when freed, so the resident set follows the live tensors
-(docs/results.md, "Memory on a real model", has the measurements). Small allocations are unchanged.
+(docs/results/training.md, "Memory on a real model", has the measurements). Small allocations are unchanged.
 
 Where it departs from defaults: only on Linux with glibc, only once per process, and only when the user has
 not chosen a threshold through the environment (`MALLOC_MMAP_THRESHOLD_` set: left alone). Elsewhere it is

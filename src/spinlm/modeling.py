@@ -20,8 +20,11 @@ by `spinlm demo`, the tests and the CPU benchmarks; it needs no download.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,6 +198,30 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bf16 compute is fast and sound on `device`: a bf16-capable CUDA GPU, or a CPU with AMX (Intel
+    Sapphire Rapids and later), where oneDNN runs bf16 matmuls in hardware: a SmolLM2 training step 2.08x
+    faster under bf16 autocast, generation 1.8x (docs/results/training.md, benchmarks/cpu_bf16.py). On other
+    CPUs bf16 was measured as slow or slower than fp32, so fp32 stays. `SPINLM_CPU_BF16=1` / `=0` overrides
+    the CPU check (the test suite sets 0, so its numbers do not depend on the machine)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type != "cpu":
+        return False
+    forced = os.environ.get("SPINLM_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return bool(torch.cpu._is_amx_tile_supported())
+
+
+def resolve_precision_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`train.precision` as a compute dtype: `auto` is bf16 where `fast_bf16(device)`, else fp32. Weights
+    stay as `model.dtype` says (fp32 on CPU): only the autocast changes."""
+    if name == "auto":
+        return torch.bfloat16 if fast_bf16(device) else torch.float32
+    return DTYPES[name]
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -255,7 +282,8 @@ def load_model(
     if load_in_4bit:
         kwargs.update(_four_bit_kwargs(device))
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
+        with _whole_weights_unless_zero3_init():
+            model = AutoModelForCausalLM.from_pretrained(source.path, **kwargs)
     except Exception as e:  # noqa: BLE001
         hint = "a Hugging Face causal-LM folder with config.json and *.safetensors, or a Hub id, is expected"
         raise _load_error("a model", source, e, hint) from e
@@ -267,6 +295,30 @@ def load_model(
     if load_in_4bit:
         return model  # placed by device_map; a 4-bit model cannot be moved with .to()
     return model.to(device)  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def _whole_weights_unless_zero3_init() -> Iterator[None]:
+    """Under an Accelerator with DeepSpeed ZeRO-3, accelerate registers its config with transformers, and
+    `from_pretrained` then loads the weights already partitioned (an embedding of shape (0,)) even when the
+    launch config says `zero3_init_flag: false` (configs/accelerate/deepspeed_zero3.yaml). spinlm loads whole
+    weights and lets `accelerator.prepare` partition them, so the registration is lifted for the load and
+    put back after; with `zero3_init_flag: true` the partitioned load is what the user asked for."""
+    try:
+        from accelerate.state import AcceleratorState
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+    except ImportError:
+        yield
+        return
+    plugin = AcceleratorState().deepspeed_plugin if AcceleratorState._shared_state else None
+    if plugin is None or plugin.zero3_init_flag or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
 
 
 def checkpoint_of(model: Any) -> str | None:

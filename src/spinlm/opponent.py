@@ -170,6 +170,7 @@ def _score_pairs(
             cfg.eval.batch_size,
             tc.length_normalize,
             desc=f"{desc} {side}",
+            packed=tc.padding_free,
         )
 
     with autocast:

@@ -76,7 +76,7 @@ def identical_pairs_warning(stats: dict[str, float], iteration: int) -> str | No
     """A warning when most pairs are identical (sample == real reply), else None.
 
     Such pairs give exactly zero gradient, so the update comes from the few others, and Adam / RMSProp scale
-    those few gradients up to full-size steps. Measured (docs/results.md, "SPIN vs SFT"): from a model that
+    those few gradients up to full-size steps. Measured (docs/results/spin-vs-sft.md): from a model that
     reproduced its SFT replies, 999 of 1000 identical pairs and AdamW at lr 1e-3 took held-out exact match
     from 1.0 to 0.9 in one iteration, and to 0.14 by iteration 3.
     """

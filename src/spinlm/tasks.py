@@ -133,7 +133,7 @@ def make_addition_examples(n: int, seed: int) -> list[Example]:
 
     Why fixed width: the digits to add then sit at fixed offsets, and a 2-layer model learns the task within
     a few hundred steps for every seed; with unpadded operands ("7+38=" -> "45") learning stalled on
-    seed-dependent plateaus of 500 to 1500+ steps in our runs (docs/results.md, "The demo").
+    seed-dependent plateaus of 500 to 1500+ steps in our runs (docs/results/demos.md).
 
     Prompts are distinct while possible: if n exceeds the number of possible problems (10^(2d)), every
     problem appears once (in random order) and the list then starts over.

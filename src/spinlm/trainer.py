@@ -48,7 +48,7 @@ from spinlm.errors import SpinError
 from spinlm.io import append_jsonl, apply_umask, fault_point, read_json, trim_log, write_json
 from spinlm.logps import collate, encode_all, forward_logps
 from spinlm.loss import reward_wins, spin_loss, tie_rtol
-from spinlm.modeling import Encoded, default_device, forget_checkpoint, resolve_dtype, save_model
+from spinlm.modeling import Encoded, default_device, forget_checkpoint, resolve_precision_dtype, save_model
 from spinlm.progress import Progress, track
 
 log = logging.getLogger(__name__)
@@ -321,7 +321,7 @@ def train_micro_step(
 ) -> torch.Tensor:
     """Loss and backward on one (2B, T) micro-batch (real rows, then generated); returns its 4 metrics."""
     n = batch["ref_chosen_logps"].shape[0]
-    logps = forward_logps(run.model, batch, cfg.length_normalize)  # (2B,) log p_θ(y|x) then log p_θ(y'|x)
+    logps = forward_logps(run.model, batch, cfg.length_normalize, cfg.padding_free)  # (2B,) y then y'
     out = spin_loss(  # Eq. (4.7), per pair
         policy_real_logps=logps[:n],
         policy_generated_logps=logps[n:],
@@ -490,10 +490,10 @@ PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp1
 
 
 def resolve_precision(precision: str) -> str:
-    """`precision: auto` -> bf16 on a bf16-capable CUDA GPU, fp32 otherwise (CPU autocast to bf16 is slow
-    without AMX; with AMX a step is ~1.7x faster, docs/results.md, but `bf16` must be asked for there);
-    the same rule as `model.dtype: auto` (`spinlm.modeling.resolve_dtype`)."""
-    return PRECISIONS[resolve_dtype(precision, default_device())]
+    """`precision: auto` -> bf16 where bf16 is fast (a bf16 CUDA GPU, a CPU with AMX:
+    `spinlm.modeling.fast_bf16`), fp32 otherwise. bf16 is accelerate's autocast over fp32 weights, and the
+    opponent's reference log-probs are scored under the same autocast (`spinlm.opponent`)."""
+    return PRECISIONS[resolve_precision_dtype(precision, default_device())]
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
