@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint typecheck unit install clean test-vllm install-vllm
+.PHONY: demo test test-fast lint typecheck unit install clean test-vllm install-vllm gpu-wheels gpu-check docs
 
 $(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -71,5 +71,33 @@ install-vllm: $(VSTAMP)
 test-vllm: $(VSTAMP)
 	$(VBIN)/python -m pytest -q -m vllm tests/test_vllm.py
 
+# The documentation site (mkdocs.yml, Material theme) into site/. --strict: a broken link, a missing page or a
+# nav entry without its file fails the build. The generated reference pages (docs/reference/) are checked
+# against the code first; `python -m spinlm.reference` regenerates them.
+DOCS_STAMP := $(VENV)/.docs-installed
+
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	$(BIN)/python -m spinlm.reference --check
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
 	rm -rf $(VENV) $(VVENV) .pytest_cache .mypy_cache .ruff_cache
+
+# The GPU check (benchmarks/gpu_check.py). `make gpu-wheels` (here, needs only python3 and pip): fetch the
+# wheels the H200 image lacks (trl, datasets, DeepSpeed built without compiled ops, and their missing needs)
+# into .whl, and print the size of what is copied to the GPU machine (checkout + .whl; 64 MiB at most).
+# `make gpu-check OUT=DIR` (on the GPU machine, .whl copied along): install them, run `pytest -m gpu` and the
+# throughput benchmarks, results in DIR. `make gpu-check OUT=DIR CPU=1`: the CPU dry run at tiny sizes
+# (tests/test_gpu_check.py runs it).
+OUT ?= runs/gpu_check
+GPU_PY = $(if $(CPU),$(BIN)/python,$(PY))
+
+gpu-wheels:
+	$(PY) benchmarks/gpu_check.py download --dir .whl
+
+gpu-check: $(if $(CPU),$(STAMP))
+	$(GPU_PY) benchmarks/gpu_check.py run --out $(OUT) $(if $(CPU),--cpu)

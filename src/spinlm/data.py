@@ -5,8 +5,9 @@ opponent writes its own reply y' to each prompt and the main player learns to pr
 turns any common SFT layout into that contract, with one code path for every source and format:
 
 - sources: a local .jsonl / .json (a list of rows or {"data": [...]}) / .parquet / .csv file, a `datasets`
-  `save_to_disk` folder (a Dataset, or a DatasetDict read at `data.split`), or a Hub dataset id. Nothing
-  is ever unpickled.
+  `save_to_disk` folder (a Dataset, or a DatasetDict read at `data.split`), a Hub dataset id, or a local
+  copy of a Hub dataset repository (both through `datasets.load_dataset`, with `data.subset` as its
+  configuration name). Nothing is ever unpickled.
 - formats (auto-detected from the columns after `data.columns` renames them; `data.format` forces one):
   `messages` (OpenAI / UltraChat: [{role, content}], optional system message), `sharegpt`
   (`conversations` of {from: human|gpt|system, value}), `prompt_completion` (TRL: `prompt` string or
@@ -188,13 +189,17 @@ def _open_source(cfg: DataConfig) -> tuple[str, Iterator[Row]]:
         if suffix not in readers:
             raise SpinError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_TYPES)}")
         return str(path), readers[suffix](path)
-    if path.is_dir():
+    subset = f", subset {cfg.subset}" if cfg.subset else ""
+    if path.is_dir() and _is_saved_dataset(path):
         label = f"{path} (split {cfg.split})"
         return label, _dataset_rows(_load_folder(path, cfg.split), label)
+    if path.is_dir():  # a local copy of a Hub dataset repository: datasets reads it as it reads the Hub
+        label = f"{path} (split {cfg.split}{subset})"
+        return label, _dataset_rows(_load_hub(cfg, str(path)), label)
     if _looks_like_path(cfg.path):
         raise SpinError(f"data file not found: {cfg.path} (check data.path; Hub ids look like 'owner/name')")
-    label = f"{cfg.path} (split {cfg.split})"
-    return label, _dataset_rows(_load_hub(cfg), label)
+    label = f"{cfg.path} (split {cfg.split}{subset})"
+    return label, _dataset_rows(_load_hub(cfg, cfg.path), label)
 
 
 def _looks_like_path(text: str) -> bool:
@@ -266,11 +271,14 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
         raise SpinError(f"{path}: not a readable parquet file ({_short(e)}); re-export it") from e
 
 
+def _is_saved_dataset(path: Path) -> bool:
+    """Whether `path` is a `datasets` save_to_disk folder (a Dataset or a DatasetDict)."""
+    return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
+
+
 def _load_folder(path: Path, split: str) -> Any:
     import datasets
 
-    if not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-        raise SpinError(f"{path}: not a `datasets` save_to_disk folder (no state.json or dataset_dict.json)")
     try:
         ds = datasets.load_from_disk(str(path))
     except Exception as e:  # any failure of a third-party loader is a data problem for the user
@@ -282,15 +290,32 @@ def _load_folder(path: Path, split: str) -> Any:
     return ds
 
 
-def _load_hub(cfg: DataConfig) -> Any:
+def _load_hub(cfg: DataConfig, source: str) -> Any:
+    """`source` (a Hub id, or a local copy of a Hub dataset repository) through datasets.load_dataset.
+
+    `data.subset` is passed as `name=`: a dataset with several configurations (openai/gsm8k: main,
+    socratic) and no default stops with "Config name is missing" without it.
+    """
     import datasets
 
     try:
-        return datasets.load_dataset(cfg.path, split=cfg.split, revision=cfg.revision)
+        return datasets.load_dataset(source, name=cfg.subset, split=cfg.split, revision=cfg.revision)
     except Exception as e:
+        text = " ".join(str(e).split())
+        configs = re.search(r"available configs: (\[[^\]]*\])", text)
+        if configs:  # datasets names the configurations on its second line; _short would drop it
+            raise SpinError(
+                f"dataset '{source}' has several configurations and data.subset does not pick one of them",
+                hint=f"set data.subset to one of {configs.group(1)}",
+            ) from e
+        if Path(source).is_dir():
+            raise SpinError(
+                f"could not load dataset '{source}' (a local dataset folder: {_short(e)})",
+                hint="check data.path, data.subset and data.split",
+            ) from e
         raise SpinError(
-            f"could not load dataset '{cfg.path}' (not a local file/folder; as a Hub id: {_short(e)})",
-            hint="check data.path, data.split and data.revision, and the network",
+            f"could not load dataset '{source}' (not a local file/folder; as a Hub id: {_short(e)})",
+            hint="check data.path, data.subset, data.split and data.revision, and the network",
         ) from e
 
 
