@@ -290,6 +290,7 @@ def test_generation_dtype_auto_is_bf16_where_bf16_is_fast(lm: tuple[Any, Any], m
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert next(gen.generation_model(model, _cfg(dtype="auto")).parameters()).dtype == torch.bfloat16
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     assert gen.generation_model(model, _cfg(dtype="auto")) is model
 
 

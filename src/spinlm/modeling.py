@@ -199,11 +199,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def fast_bf16(device: torch.device) -> bool:
-    """Whether bf16 compute is fast and sound on `device`: a bf16-capable CUDA GPU, or a CPU with AMX (Intel
-    Sapphire Rapids and later), where oneDNN runs bf16 matmuls in hardware: a SmolLM2 training step 2.08x
-    faster under bf16 autocast, generation 1.8x (docs/results/training.md, benchmarks/cpu_bf16.py). On other
-    CPUs bf16 was measured as slow or slower than fp32, so fp32 stays. `SPINLM_CPU_BF16=1` / `=0` overrides
-    the CPU check (the test suite sets 0, so its numbers do not depend on the machine)."""
+    """Whether bf16 compute is fast and sound on `device`: a bf16-capable CUDA GPU, or a CPU with native bf16
+    matmuls: AMX (Intel Sapphire Rapids and later: a SmolLM2 training step 2.08x faster under bf16 autocast,
+    generation 1.8x) or AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake: a training step 1.65x faster),
+    measured with benchmarks/cpu_bf16.py (docs/results/training.md). On a CPU with neither, bf16 was
+    measured 3-4x slower than fp32, so fp32 stays there. `SPINLM_CPU_BF16=1` / `=0` overrides the CPU check
+    (the test suite sets 0, so its numbers do not depend on the machine)."""
     if device.type == "cuda":
         return bool(torch.cuda.is_bf16_supported())
     if device.type != "cpu":
@@ -211,7 +212,7 @@ def fast_bf16(device: torch.device) -> bool:
     forced = os.environ.get("SPINLM_CPU_BF16")
     if forced in ("0", "1"):
         return forced == "1"
-    return bool(torch.cpu._is_amx_tile_supported())
+    return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
 
 
 def resolve_precision_dtype(name: str, device: torch.device) -> torch.dtype:
