@@ -115,7 +115,7 @@ def test_readme_is_a_short_landing_page() -> None:
     for needed in (
         "make demo",
         "make test",
-        "pip install spinlm",
+        "pip install -e .",
         "spinlm demo --model smollm2",
         "## Results",
     ):
