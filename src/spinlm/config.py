@@ -308,8 +308,8 @@ class TrainConfig:
         "Average log-probs over response tokens instead of summing (off in the paper).", False
     )
     precision: str = _help(
-        "auto (bf16 autocast on a bf16-capable GPU and on a CPU with AMX or AVX512-BF16, where a step is "
-        "1.65-2.1x faster; fp32 elsewhere), fp32, bf16, fp16. Weights stay in model.dtype; the reference is scored under the same "
+        "auto (bf16 autocast on a bf16-capable GPU; fp32 on CPU: bf16 steps are 1.65-2.1x faster on CPUs "
+        "with AMX or AVX512-BF16, but the fp32 weights drift from the bf16-trained model there), fp32, bf16, fp16. Weights stay in model.dtype; the reference is scored under the same "
         "autocast.",
         "auto",
     )

@@ -490,8 +490,8 @@ PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp1
 
 
 def resolve_precision(precision: str) -> str:
-    """`precision: auto` -> bf16 where bf16 is fast (a bf16 CUDA GPU, a CPU with AMX:
-    `spinlm.modeling.fast_bf16`), fp32 otherwise. bf16 is accelerate's autocast over fp32 weights, and the
+    """`precision: auto` -> bf16 on a bf16 CUDA GPU, fp32 otherwise (`spinlm.modeling.resolve_precision_dtype`
+    says why not on CPUs with fast bf16). bf16 is accelerate's autocast over fp32 weights, and the
     opponent's reference log-probs are scored under the same autocast (`spinlm.opponent`)."""
     return PRECISIONS[resolve_precision_dtype(precision, default_device())]
 
