@@ -184,6 +184,11 @@ def test_progress_lines_when_the_output_is_not_a_terminal(
     )
     assert any(m.startswith("generate: 12/12 prompts (100%)") and "done in" in m for m in gen)
     assert any(m.startswith("score real: ") and "batches" in m for m in lines)
+    # and one closing line with each stage's seconds, whatever progress_seconds is
+    assert any(
+        re.fullmatch(r"generate: 12 replies in [\d.]+ s; score: both sides of 12 pairs in [\d.]+ s", m)
+        for m in lines
+    )
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="spinlm"):
         assert main([*argv, *QUICK, "generation.batch_size=2", "progress_seconds=0"]) == 0  # 0: no lines

@@ -73,10 +73,18 @@ def generate(
     accelerator = make_accelerator(cfg.train)
     opponent = load_model(str(model), cfg.model, device=accelerator.device)
     # The loop's own pairs stage code; its generation shards live in a scratch run folder.
+    seconds: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="spinlm-generate-") as scratch:
         pairs = make_iteration_pairs(
-            opponent, tokenizer, examples, cfg, iteration, Path(scratch), accelerator, label=""
+            opponent, tokenizer, examples, cfg, iteration, Path(scratch), accelerator, seconds, label=""
         )
+    log.info(
+        "generate: %d replies in %.1f s; score: both sides of %d pairs in %.1f s",
+        len(pairs),
+        seconds.get("generate", 0.0),
+        len(pairs),
+        seconds.get("score", 0.0),
+    )
     write_jsonl(Path(output), pairs)
     return pairs
 
