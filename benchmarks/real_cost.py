@@ -300,12 +300,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--precision",
         default="auto",
-        help="train.precision (auto: bf16 autocast on a CPU with AMX, fp32 on others)",
+        help="train.precision (auto: fp32 on CPUs, bf16 on bf16 GPUs)",
     )
     p.add_argument(
         "--gen-dtype",
         default="auto",
-        help="generation.dtype (auto: bfloat16 on a CPU with AMX, the model's fp32 on others)",
+        help="generation.dtype (auto: a bfloat16 copy where bf16 is fast: AMX or AVX512-BF16 CPUs, bf16 GPUs)",
     )
     p.add_argument(
         "--padded", action="store_true", help="train.padding_free=false: padded batches, as before packing"
