@@ -120,3 +120,14 @@ def run_worker(cmd: list[str], env: dict[str, str] | None = None, echo: bool = F
         print(stdout[-2000:], stderr[-4000:], file=sys.stderr)
         raise SystemExit(f"worker failed (exit {proc.returncode}): {' '.join(cmd[1:])}")
     return json.loads(line[len("RESULT ") :]) | {"process_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+
+
+def batch_positions(lengths: list[int], packed: bool) -> int:
+    """Positions the forward pass runs for sequences of these lengths: the padded (N, T) batch, or the
+    (R, L) rows `spinlm.logps.pack_batch` packs them into."""
+    from spinlm.logps import pack_rows
+
+    if not packed:
+        return max(lengths) * len(lengths)
+    rows = pack_rows(lengths, max(lengths))
+    return len(rows) * max(sum(lengths[i] for i in row) for row in rows)

@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from real_common import default_gsm8k, gsm8k_missing, line_fit, run_worker, smollm2_folder
+from real_common import batch_positions, default_gsm8k, gsm8k_missing, line_fit, run_worker, smollm2_folder
 
 STAGES = ("generate", "score", "train")  # scale with the training prompts; eval is on a fixed set
 COLUMNS = {"prompt": "question", "response": "answer"}
@@ -198,17 +198,6 @@ def stage_work(args: argparse.Namespace, size: int) -> dict[str, Any]:
         work["train_positions"] += batch_positions(lengths, pack)
         work["train_tokens"] += sum(lengths)
     return work
-
-
-def batch_positions(lengths: list[int], packed: bool) -> int:
-    """Positions the forward pass runs for sequences of these lengths: the padded (N, T) batch, or the
-    (R, L) rows `spinlm.logps.pack_batch` packs them into."""
-    from spinlm.logps import pack_rows
-
-    if not packed:
-        return max(lengths) * len(lengths)
-    rows = pack_rows(lengths, max(lengths))
-    return len(rows) * max(sum(lengths[i] for i in row) for row in rows)
 
 
 # The work unit per stage (stage_work's key) that its seconds are divided by.

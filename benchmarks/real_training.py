@@ -55,6 +55,7 @@ from typing import Any
 
 from real_common import (
     REPO,
+    batch_positions,
     default_gsm8k,
     gsm8k_missing,
     gsm8k_rows,
@@ -201,6 +202,32 @@ def count_tokens(tok: Any, pairs: list[dict[str, Any]], max_length: int) -> tupl
     return sum(lengths), max(lengths)
 
 
+def positions(tok: Any, pairs: list[dict[str, Any]], batch_size: int, max_length: int) -> dict[str, int]:
+    """Positions spin's forward passes run, packed and padded, and the real tokens among them: training's
+    micro-batches of 2 x `batch_size` sequences in `spinlm.trainer.plan_batches`' order (benchmarks/training.py
+    trains with run_seed 0, iteration 1), and the reference pass's batches of 2 x `batch_size` sequences of
+    one side, sorted by length (`spinlm.logps.score_logps`). Counted from spin's tokenisation, not timed."""
+    from spinlm.config import TrainConfig
+    from spinlm.trainer import featurize, plan_batches
+
+    rows = [{**p, "ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0} for p in pairs]  # lengths only
+    feats = featurize(tok, rows, max_length)
+    cfg = TrainConfig(batch_size=batch_size, gradient_accumulation_steps=1, max_length=max_length)
+    _, micro = plan_batches(len(feats), cfg, 1.0, 0 * 1000 + 1, 1)
+    work = {"tokens": 0, "train_packed": 0, "train_padded": 0, "ref_packed": 0, "ref_padded": 0}
+    for batch in micro:
+        lengths = [len(s.input_ids) for i in batch for s in (feats[i].chosen, feats[i].rejected)]
+        work["tokens"] += sum(lengths)
+        work["train_packed"] += batch_positions(lengths, True)
+        work["train_padded"] += batch_positions(lengths, False)
+    for side in ("chosen", "rejected"):
+        lengths = sorted((len(getattr(f, side).input_ids) for f in feats), reverse=True)
+        for b in range(0, len(lengths), 2 * batch_size):
+            work["ref_packed"] += batch_positions(lengths[b : b + 2 * batch_size], True)
+            work["ref_padded"] += batch_positions(lengths[b : b + 2 * batch_size], False)
+    return work
+
+
 def run_trainers(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
     env = dict(os.environ)
     if args.mmap_threshold:
@@ -316,6 +343,7 @@ def main() -> None:
     limit = run_worker([sys.executable, __file__, *sys.argv[1:], "--worker", "limit"])
     setup = {"pairs": len(pairs), "tokens": tokens, "longest": longest, "parameters": limit["parameters"]}
     setup["matmul_gflops"] = limit["gflops"]
+    setup["positions"] = positions(tok, pairs, args.batch_size, args.max_length)
     print(f"{json.dumps(setup)}", flush=True)
     results = run_trainers(args, work)
     for r in results:

@@ -161,16 +161,17 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
-def pack_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def pack_batch(batch: dict[str, torch.Tensor], capacity: int | None = None) -> dict[str, torch.Tensor]:
     """A right-padded (N, T) batch re-laid as (R, L) rows of whole sequences back to back, no padding
     between them: `position_ids` restart at 0 for every sequence, which transformers (no attention mask,
     no cache) turns into a block-diagonal causal mask, so each sequence attends only to itself. A row
-    shorter than the longest ends in filler (token 0, its own position run, never scored).
+    shorter than the longest ends in filler (token 0, its own position run, never scored). Rows hold at
+    most `capacity` tokens (default: T, the padded width).
 
     Returns input_ids, position_ids (R, L); scored (R, L-1), 1 where position t predicts a response token
     of the same sequence; owner (R, L-1), the sequence index of the token at t+1 (-1 for filler)."""
     lengths = batch["attention_mask"].sum(dim=1).tolist()  # (N,) real tokens per sequence (right padding)
-    rows = pack_rows(lengths, batch["input_ids"].shape[1])
+    rows = pack_rows(lengths, capacity or batch["input_ids"].shape[1])
     width = max(sum(lengths[i] for i in row) for row in rows)
     input_ids = torch.zeros((len(rows), width), dtype=torch.long)  # (R, L)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)  # (R, L)

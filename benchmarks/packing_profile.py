@@ -1,0 +1,129 @@
+"""Where packing's training speed-up comes from: one micro-batch of SPIN pairs, three layouts, profiled.
+
+What: SmolLM2-135M-Instruct (fp32, CPU), the first `--steps` training micro-batches of a pairs file written by
+benchmarks/real_training.py (`OUT/work/pairs.jsonl`: GSM8K questions, real answer = chosen, the model's own
+sample = rejected), in spinlm's batch order (`spinlm.trainer.plan_batches`, run_seed 0, iteration 1). Each
+micro-batch's 2 x `--batch-size` sequences run one forward + backward (gradient checkpointing on, as spinlm
+trains) in three layouts of the same tokens:
+
+- `padded`: the right-padded (N, T) batch with its attention mask (`train.padding_free: false`);
+- `packed`: rows of at most T tokens (`spinlm.logps.pack_batch`, what `train.padding_free` runs);
+- `one_row`: every sequence of the micro-batch back to back in a single row (no filler at all; attention
+  runs over the whole row under a block-diagonal mask, so its cost grows with the row's square).
+
+Reported per layout: positions run (and the share that is padding or filler), median seconds of forward +
+backward over `--repeats` passes of all micro-batches, and with `--profile` the top operators by self CPU
+time (torch.profiler) of one pass. Not an optimizer step: the weights do not change between passes.
+
+    python benchmarks/real_training.py --pairs 128 --steps 16 --variants spin --out runs/real_training128
+    python benchmarks/packing_profile.py --pairs runs/real_training128/work/pairs.jsonl --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from real_common import smollm2_folder
+
+
+def layouts(batch: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """Each layout of one collated batch: its rows (input_ids, scored) and the model's other inputs, as
+    `spinlm.logps.forward_logps` runs them."""
+    from spinlm.logps import _padded_rows, pack_batch
+
+    total = int(batch["attention_mask"].sum())
+    out = {"padded": {**_padded_rows(batch), "extra": {"attention_mask": batch["attention_mask"]}}}
+    for name, cap in (("packed", None), ("one_row", total)):
+        rows = pack_batch(batch, capacity=cap)
+        out[name] = {**rows, "extra": {"position_ids": rows["position_ids"], "use_cache": False}}
+    return out
+
+
+def fwd_bwd(model: Any, rows: dict[str, Any]) -> None:
+    """forward_logps' forward (logits only where a response token is predicted), then a backward."""
+    keep = torch.zeros_like(rows["input_ids"], dtype=torch.bool)  # (R, L)
+    keep[:, :-1] = rows["scored"]
+    logits = model(input_ids=rows["input_ids"], logits_to_keep=keep, **rows["extra"]).logits  # (M, V)
+    logits.float().logsumexp(-1).mean().backward()  # a scalar that reaches every kept logit
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pairs", type=Path, required=True, help="pairs.jsonl of benchmarks/real_training.py")
+    ap.add_argument("--steps", type=int, default=4, help="micro-batches to run")
+    ap.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch (real_training's)")
+    ap.add_argument("--max-length", type=int, default=768)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="also print the top operators of each layout")
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    from spinlm.config import ModelConfig, TrainConfig
+    from spinlm.modeling import load_model, load_tokenizer
+    from spinlm.trainer import collate_pairs, featurize, plan_batches
+
+    folder = smollm2_folder()
+    tok = load_tokenizer(folder, ModelConfig())
+    model = load_model(folder, ModelConfig(), device=torch.device("cpu"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    pairs = [json.loads(line) for line in args.pairs.read_text().splitlines() if line.strip()]
+    rows = [{**p, "ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0} for p in pairs]  # lengths only
+    feats = featurize(tok, rows, args.max_length)
+    cfg = TrainConfig(batch_size=args.batch_size, gradient_accumulation_steps=1, max_length=args.max_length)
+    _, micro = plan_batches(len(feats), cfg, 1.0, 1, 1)
+    batches = [layouts(collate_pairs([feats[i] for i in b], tok.pad_token_id)) for b in micro[: args.steps]]
+    tokens = sum(int(b["padded"]["attention_mask"].sum()) for b in batches)
+    results: dict[str, Any] = {}
+    for name in ("padded", "packed", "one_row"):
+        positions = sum(b[name]["input_ids"].numel() for b in batches)
+        fwd_bwd(model, batches[0][name])  # warm-up: oneDNN kernels for this shape
+        times = []
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            for b in batches:
+                fwd_bwd(model, b[name])
+                model.zero_grad(set_to_none=True)
+            times.append(time.perf_counter() - start)
+        results[name] = {
+            "positions": positions,
+            "waste": 1 - tokens / positions,
+            "shapes": [list(b[name]["input_ids"].shape) for b in batches],
+            "seconds": statistics.median(times),
+        }
+        print(
+            f"{name:8s} positions {positions:6d} ({100 * (1 - tokens / positions):4.1f}% padding/filler), "
+            f"fwd+bwd {results[name]['seconds']:.2f} s, rows {results[name]['shapes']}",
+            flush=True,
+        )
+        if args.profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for b in batches:
+                    fwd_bwd(model, b[name])
+                    model.zero_grad(set_to_none=True)
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+            results[name]["profile"] = table
+            print(table, flush=True)
+    base = results["padded"]["seconds"]
+    for name, r in results.items():
+        print(f"{name:8s} speed vs padded: {base / r['seconds']:.2f}x")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
+            json.dumps(
+                {"args": {k: str(v) for k, v in vars(args).items()}, "tokens": tokens, "results": results},
+                indent=1,
+            )
+            + "\n"
+        )
+
+
+if __name__ == "__main__":
+    main()
