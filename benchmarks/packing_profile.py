@@ -8,6 +8,7 @@ trains) in three layouts of the same tokens:
 
 - `padded`: the right-padded (N, T) batch with its attention mask (`train.padding_free: false`);
 - `packed`: rows of at most T tokens (`spinlm.logps.pack_batch`, what `train.padding_free` runs);
+- `cost_model`: rows of the capacity `spinlm.logps.row_capacity` picks (least estimated compute);
 - `one_row`: every sequence of the micro-batch back to back in a single row (no filler at all; attention
   runs over the whole row under a block-diagonal mask, so its cost grows with the row's square).
 
@@ -32,14 +33,15 @@ import torch
 from real_common import smollm2_folder
 
 
-def layouts(batch: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+def layouts(batch: dict[str, torch.Tensor], attention: float) -> dict[str, dict[str, Any]]:
     """Each layout of one collated batch: its rows (input_ids, scored) and the model's other inputs, as
     `spinlm.logps.forward_logps` runs them."""
-    from spinlm.logps import _padded_rows, pack_batch
+    from spinlm.logps import _padded_rows, pack_batch, row_capacity
 
-    total = int(batch["attention_mask"].sum())
+    lengths = batch["attention_mask"].sum(dim=1).tolist()
+    auto = row_capacity(lengths, batch["input_ids"].shape[1], attention)
     out = {"padded": {**_padded_rows(batch), "extra": {"attention_mask": batch["attention_mask"]}}}
-    for name, cap in (("packed", None), ("one_row", total)):
+    for name, cap in (("packed", None), ("cost_model", auto), ("one_row", sum(lengths))):
         rows = pack_batch(batch, capacity=cap)
         out[name] = {**rows, "extra": {"position_ids": rows["position_ids"], "use_cache": False}}
     return out
@@ -79,10 +81,15 @@ def main() -> None:
     feats = featurize(tok, rows, args.max_length)
     cfg = TrainConfig(batch_size=args.batch_size, gradient_accumulation_steps=1, max_length=args.max_length)
     _, micro = plan_batches(len(feats), cfg, 1.0, 1, 1)
-    batches = [layouts(collate_pairs([feats[i] for i in b], tok.pad_token_id)) for b in micro[: args.steps]]
+    from spinlm.logps import attention_cost
+
+    share = attention_cost(model)
+    batches = [
+        layouts(collate_pairs([feats[i] for i in b], tok.pad_token_id), share) for b in micro[: args.steps]
+    ]
     tokens = sum(int(b["padded"]["attention_mask"].sum()) for b in batches)
     results: dict[str, Any] = {}
-    for name in ("padded", "packed", "one_row"):
+    for name in ("padded", "packed", "cost_model", "one_row"):
         positions = sum(b[name]["input_ids"].numel() for b in batches)
         fwd_bwd(model, batches[0][name])  # warm-up: oneDNN kernels for this shape
         times = []

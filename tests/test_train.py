@@ -297,6 +297,45 @@ def test_pack_rows_first_fit_decreasing() -> None:
     assert sorted(i for r in rows for i in r) == list(range(50))
 
 
+def test_row_capacity_weighs_filler_against_attention() -> None:
+    """The first SmolLM2 micro-batch of benchmarks/real_training.py: 8 sequences, all longer than half the
+    width (384), so rows of width 384 pair none of them (8 x 384 = 3,072 positions, 16% filler)."""
+    from spinlm.logps import pack_rows, row_capacity
+
+    lengths = [251, 255, 300, 310, 352, 364, 371, 384]  # 2,587 tokens
+    a = 2.57e-4  # SmolLM2-135M: 4 * 9 heads * 64 * 30 layers / (2 * 134.5M parameters)
+    # By hand: capacity 384 -> 8 rows x 384, cost 3,072 * (1 + a*384) = 3,375; capacity 672 (2T) -> first
+    # fit decreasing 384+255, 371+300, 364+251, 352+310: 4 rows x 671, 2,684 * (1 + a*671) = 3,147; one row
+    # of 2,587: 2,587 * (1 + a*2,587) = 4,307. The middle one is cheapest.
+    assert row_capacity(lengths, 384, a) == 672
+    assert [sorted(lengths[i] for i in r) for r in pack_rows(lengths, 672)] == [
+        [255, 384],
+        [300, 371],
+        [251, 364],
+        [310, 352],
+    ]
+    assert row_capacity(lengths, 384, 0.0) == sum(lengths)  # attention free: one row, no filler at all
+    assert row_capacity(lengths, 384, 1e-2) == 384  # attention dear: rows no wider than the padded batch
+
+
+def test_attention_cost_of_smollm2_shape() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from spinlm.logps import attention_cost
+
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    model = LlamaForCausalLM(cfg)
+    params = sum(p.numel() for p in model.parameters())
+    assert attention_cost(model) == 4 * 4 * 8 * 2 / (2 * params)  # heads * head_dim * layers
+
+
 def test_pack_batch_layout(tok_model: tuple[Any, Any]) -> None:
     """Packed rows hold every real token once, positions restart per sequence, nothing is scored across a
     boundary or on filler, and the packed batch has fewer positions than the padded one."""

@@ -161,6 +161,32 @@ def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def row_capacity(lengths: Sequence[int], width: int, attention_cost: float) -> int:
+    """The row capacity for `pack_rows` with the least estimated compute, among the padded width T,
+    1.25T ... 2T and one row of everything: an (R, L) layout costs R·L·(1 + attention_cost·L), a
+    position's linear layers plus its attention over the row (dense under the block-diagonal mask, so
+    quadratic in L). `attention_cost`: attention FLOPs per (query, key) over linear FLOPs per token
+    (`attention_cost(model)`). Longer rows leave less filler and cost more attention."""
+
+    def cost(capacity: int) -> float:
+        rows = pack_rows(lengths, capacity)
+        longest = max(sum(lengths[i] for i in row) for row in rows)
+        return len(rows) * longest * (1.0 + attention_cost * longest)
+
+    candidates = [width * k // 4 for k in range(4, 9)] + [sum(lengths)]
+    return min(candidates, key=lambda c: (cost(c), c))
+
+
+def attention_cost(model: Any) -> float:
+    """Attention FLOPs per (query, key) pair over linear FLOPs per token, from the model's config:
+    4·heads·head_dim·layers (QKᵀ and the weighted sum) over 2·parameters."""
+    config = _unwrap(model).config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    params = sum(p.numel() for p in _unwrap(model).parameters())
+    return 4 * heads * head_dim * config.num_hidden_layers / (2 * params)
+
+
 def pack_batch(batch: dict[str, torch.Tensor], capacity: int | None = None) -> dict[str, torch.Tensor]:
     """A right-padded (N, T) batch re-laid as (R, L) rows of whole sequences back to back, no padding
     between them: `position_ids` restart at 0 for every sequence, which transformers (no attention mask,
