@@ -69,12 +69,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from spinlm.config import ModelConfig, TrainConfig
     from spinlm.modeling import load_model, load_tokenizer
-    from spinlm.trainer import collate_pairs, featurize, plan_batches
+    from spinlm.trainer import collate_pairs, featurize, plan_batches, set_activation_checkpointing
 
     folder = smollm2_folder()
     tok = load_tokenizer(folder, ModelConfig())
     model = load_model(folder, ModelConfig(), device=torch.device("cpu"))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    set_activation_checkpointing(model, True)  # as spinlm trains
     model.train()
     pairs = [json.loads(line) for line in args.pairs.read_text().splitlines() if line.strip()]
     rows = [{**p, "ref_chosen_logps": 0.0, "ref_rejected_logps": 0.0} for p in pairs]  # lengths only
@@ -87,7 +87,7 @@ def main() -> None:
     batches = [
         layouts(collate_pairs([feats[i] for i in b], tok.pad_token_id), share) for b in micro[: args.steps]
     ]
-    tokens = sum(int(b["padded"]["attention_mask"].sum()) for b in batches)
+    tokens = sum(int(b["padded"]["extra"]["attention_mask"].sum()) for b in batches)
     results: dict[str, Any] = {}
     for name in ("padded", "packed", "cost_model", "one_row"):
         positions = sum(b[name]["input_ids"].numel() for b in batches)
