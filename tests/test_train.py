@@ -318,22 +318,14 @@ def test_row_capacity_weighs_filler_against_attention() -> None:
     assert row_capacity(lengths, 384, 1e-2) == 384  # attention dear: rows no wider than the padded batch
 
 
-def test_attention_cost_of_smollm2_shape() -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def test_attention_cost_from_the_config() -> None:
     from spinlm.logps import attention_cost
+    from spinlm.modeling import build_char_tokenizer, build_tiny_model
 
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    model = LlamaForCausalLM(cfg)
+    model = build_tiny_model(build_char_tokenizer(), hidden_size=32, num_layers=2, num_heads=4)
     params = sum(p.numel() for p in model.parameters())
-    assert attention_cost(model) == 4 * 4 * 8 * 2 / (2 * params)  # heads * head_dim * layers
+    # 4 heads x head_dim 8 x 2 layers, x4 (QK^T and the weighted sum, 2 FLOPs each), over 2 FLOPs a parameter
+    assert attention_cost(model) == 4 * 4 * 8 * 2 / (2 * params)
 
 
 def test_pack_batch_layout(tok_model: tuple[Any, Any]) -> None:
