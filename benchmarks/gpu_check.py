@@ -1,4 +1,4 @@
-"""The GPU check: one command that a CUDA machine with no network runs start to finish in under ~8 minutes.
+"""The GPU check: one command that a CUDA machine with no network runs start to finish in under ~9 minutes.
 
 What `run` does, each part in its own process with its own time limit (`--limit PART=SECONDS`), writing
 `check.json` (every figure), `check.md` (the tables for docs/results/gpu.md) and one log per part to `--out`:
@@ -29,6 +29,15 @@ What `run` does, each part in its own process with its own time limit (`--limit 
    bf16 matmul rate measured in the same process (`real_common.matmul_gflops`, 8192^3).
    Both benchmarks record peak GPU memory per way, and the memory still allocated after each stage relative to
    the baseline taken after a warm-up step (`retained_mib`; 0 = nothing leaked between stages).
+6. `packing`: which layout of a training micro-batch is fastest on the GPU (on the CPU, rows no wider than the
+   padded batch: docs/results/training.md). `packing_steps` micro-batches of 2 x `train_batch` sequences of
+   unequal, SPIN-like lengths (a prompt of `packing_prompt` tokens and a reply of `packing_reply`, uniform in
+   each range, random token ids), one forward + backward each (gradient checkpointing on, as spinlm trains;
+   `benchmarks/packing_profile.py`'s `layouts` and `fwd_bwd`) in four layouts of the same tokens: padded,
+   packed into rows no wider than the padded batch (the default), rows of `spinlm.logps.row_capacity`'s
+   width, one row of everything. Median seconds over `packing_repeats` passes after a warm-up pass, the share
+   of positions that are padding or filler, peak memory, and the largest difference of the per-sequence
+   log-probs from the padded layout's (packing must not change what is computed).
 
 `--cpu`: the same script and code paths at tiny sizes on the CPU (tests/test_gpu_check.py runs it in
 `make test`): no install unless wheels are given, the GPU tests skip, tiny Llama and Qwen2 models.
@@ -154,6 +163,10 @@ class Settings:
     reply_chars: int = 256
     score_batch: int = 32
     matmul_n: int = 8192
+    packing_steps: int = 3  # micro-batches of 2 x train_batch sequences
+    packing_repeats: int = 2  # timed passes over them, after a warm-up pass
+    packing_prompt: tuple[int, int] = (32, 256)  # prompt tokens, drawn uniformly in this range
+    packing_reply: tuple[int, int] = (64, 768)  # reply tokens, likewise
     limits: dict[str, int] = field(
         default_factory=lambda: {
             "install": 25,
@@ -161,6 +174,7 @@ class Settings:
             "tests": 250,
             "generation": 115,
             "training": 55,
+            "packing": 45,
         }
     )
 
@@ -188,9 +202,20 @@ CPU_DRY_RUN = Settings(
     reply_chars=10,
     score_batch=4,
     matmul_n=128,
-    limits={"install": 60, "environment": 60, "tests": 120, "generation": 120, "training": 120},
+    packing_steps=2,
+    packing_repeats=1,
+    packing_prompt=(4, 12),
+    packing_reply=(4, 24),
+    limits={
+        "install": 60,
+        "environment": 60,
+        "tests": 120,
+        "generation": 120,
+        "training": 120,
+        "packing": 120,
+    },
 )
-PARTS = ("install", "environment", "tests", "generation", "training")
+PARTS = ("install", "environment", "tests", "generation", "training", "packing")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -319,6 +344,7 @@ def part_commands(args: argparse.Namespace, settings: Settings, tmp: Path) -> di
         "tests": pytest,
         "generation": [*worker, "generation", "--results", str(tmp / "generation.jsonl")],
         "training": [*worker, "training", "--results", str(tmp / "training.jsonl")],
+        "packing": [*worker, "packing", "--results", str(tmp / "packing.jsonl")],
     }
 
 
@@ -366,6 +392,7 @@ def run_check(args: argparse.Namespace) -> int:
         report["tests"] = parse_pytest(out / "tests.log")
         report["generation"] = read_rows(tmp / "generation.jsonl")
         report["training"] = read_rows(tmp / "training.jsonl")
+        report["packing"] = read_rows(tmp / "packing.jsonl")
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["targets"] = targets(report)
     (out / "check.json").write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
@@ -473,6 +500,16 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {r['size']} | {r['parameters'] / 1e6:.0f}M | {r['train_tokens_per_s']:.0f} | {100 * r['mfu']:.1f}% "
             f"| {100 * r['share_of_matmul']:.1f}% | {r['score_tokens_per_s']:.0f} | {_fmt(r['peak_mib'], '.0f')} "
             f"| {_fmt(r['retained_mib_score'], '.0f')}, {_fmt(r['retained_mib_train'], '.0f')} |"
+        )
+    lines += [
+        "",
+        "| model | layout | positions | padding or filler | fwd+bwd s | vs padded | peak MiB | max logp diff |",
+    ]
+    lines += ["|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in report.get("packing", []):
+        lines.append(
+            f"| {r['size']} | {r['layout']} | {r['positions']} | {100 * r['waste']:.1f}% | {r['seconds']:.3f} "
+            f"| {r['speed_vs_padded']:.2f}x | {_fmt(r['peak_mib'], '.0f')} | {r['max_logp_diff']:.2g} |"
         )
     lines += ["", "targets: " + ", ".join(f"{k} {v}" for k, v in report["targets"].items()), ""]
     return "\n".join(lines)
@@ -781,7 +818,107 @@ def training_worker(settings: Settings, results: Path) -> None:
         settled_memory(device)
 
 
-WORKERS = {"environment": environment_worker, "generation": generation_worker, "training": training_worker}
+def packing_batches(settings: Settings, vocab: int) -> list[dict[str, Any]]:
+    """`packing_steps` collated (2 x train_batch, T) micro-batches of random token ids with SPIN-like,
+    unequal lengths (module docstring, part 6)."""
+    from spinlm.logps import collate
+    from spinlm.modeling import Encoded
+
+    rng = random.Random(2)
+    batches = []
+    for _ in range(settings.packing_steps):
+        encoded = []
+        for _ in range(2 * settings.train_batch):
+            prompt, reply = rng.randint(*settings.packing_prompt), rng.randint(*settings.packing_reply)
+            encoded.append(Encoded([rng.randrange(1, vocab) for _ in range(prompt + reply)], prompt))
+        batches.append(collate(encoded, 0))
+    return batches
+
+
+def on_device(layout: dict[str, Any], device: str) -> dict[str, Any]:
+    """A layout of `packing_profile.layouts` with every tensor, its model inputs (`extra`) included, on `device`."""
+    import torch
+
+    def move(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+
+    return {**move(layout), "extra": move(layout["extra"])}
+
+
+def sequence_logps(model: Any, layout: dict[str, Any], n: int) -> Any:
+    """(n,) per-sequence log-probs of one layout of a batch (no gradient), for the equality check."""
+    import torch
+
+    from spinlm.logps import TokenLogps
+
+    keep = torch.zeros_like(layout["input_ids"], dtype=torch.bool)  # (R, L)
+    keep[:, :-1] = layout["scored"]
+    with torch.no_grad():
+        logits = model(input_ids=layout["input_ids"], logits_to_keep=keep, **layout["extra"]).logits  # (M, V)
+        token = TokenLogps.apply(logits, layout["input_ids"][:, 1:][layout["scored"]])  # (M,) fp32
+    return token.new_zeros(n).index_add(0, layout["owner"][layout["scored"]], token)
+
+
+def packing_worker(settings: Settings, results: Path) -> None:
+    """Per size and layout: forward + backward of the same micro-batches, timed (module docstring, part 6)."""
+    import statistics
+
+    sys.path.insert(0, str(BENCH))
+    from packing_profile import fwd_bwd, layouts
+
+    from spinlm.logps import attention_cost
+    from spinlm.trainer import set_activation_checkpointing
+
+    device = settings.device
+    for size in settings.sizes:
+        model, _ = build_model(size, device, settings.dtype)
+        set_activation_checkpointing(model, True)
+        model.train()
+        collated = packing_batches(settings, model.config.vocab_size)
+        tokens = sum(int(b["attention_mask"].sum()) for b in collated)
+        laid = [
+            {name: on_device(layout, device) for name, layout in layouts(b, attention_cost(model)).items()}
+            for b in collated
+        ]
+        padded_logps = [
+            sequence_logps(model, b["padded"], len(c["input_ids"])) for b, c in zip(laid, collated)
+        ]
+        base = None
+        for name in ("padded", "packed", "cost_model", "one_row"):
+            diff = max(
+                float((sequence_logps(model, b[name], len(c["input_ids"])) - ref).abs().max())
+                for b, c, ref in zip(laid, collated, padded_logps)
+            )
+            _reset_peak(device)
+            times = []
+            for repeat in range(settings.packing_repeats + 1):  # the first pass is the warm-up
+                sync(device)
+                start = time.perf_counter()
+                for b in laid:
+                    fwd_bwd(model, b[name])
+                    model.zero_grad(set_to_none=True)
+                sync(device)
+                if repeat:
+                    times.append(time.perf_counter() - start)
+            seconds = statistics.median(times)
+            base = base or seconds
+            positions = sum(b[name]["input_ids"].numel() for b in laid)
+            row: dict[str, Any] = {"size": size, "layout": name, "micro_batches": len(laid)}
+            row |= {"sequences_per_micro_batch": 2 * settings.train_batch, "tokens": tokens}
+            row |= {"positions": positions, "waste": 1 - tokens / positions, "seconds": seconds}
+            row |= {"speed_vs_padded": base / seconds, "peak_mib": _peak_mib(device), "max_logp_diff": diff}
+            row |= {"shapes": [list(b[name]["input_ids"].shape) for b in laid]}
+            append_row(results, row)
+        del model, laid
+        settled_memory(device)
+
+
+WORKERS = {
+    "environment": environment_worker,
+    "generation": generation_worker,
+    "training": training_worker,
+    "packing": packing_worker,
+}
 
 
 # ------------------------------------------------------------------------------------------------------

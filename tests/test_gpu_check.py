@@ -2,7 +2,8 @@
 
 - `run --cpu`: the same script and code paths as on the GPU at tiny sizes (about 30 s on 2 cores): the
   install of a carried wheel (a one-module wheel made here) into the site folder, the environment report,
-  `pytest -m gpu` (every test skips), the generation and training benchmarks on tiny Llama and Qwen2 models;
+  `pytest -m gpu` (every test skips), the generation, training and packing benchmarks on tiny Llama and Qwen2
+  models;
   check.json holds every figure, and the token counts are what the settings imply.
 - The pieces of the report: the FLOP formula on a model whose numbers are worked out by hand, a part that
   outruns its limit is killed with its children, the targets are None until their figures exist.
@@ -74,8 +75,18 @@ def test_cpu_dry_run_runs_every_part(tmp_path: Path) -> None:
         assert r["steps"] == s.train_steps and r["timed_steps"] == s.train_steps - s.warmup_steps
         assert r["tokens_per_step"] == 2 * s.train_batch * per_sequence
         assert r["train_tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["score_tokens_per_s"] > 0
+    packing = report["packing"]
+    assert [(r["size"], r["layout"]) for r in packing] == [
+        (size, layout) for size in s.sizes for layout in ("padded", "packed", "cost_model", "one_row")
+    ]
+    for r in packing:
+        assert r["micro_batches"] == s.packing_steps and r["seconds"] > 0
+        assert r["tokens"] <= r["positions"] and 0 <= r["waste"] < 1
+        assert r["max_logp_diff"] < 1e-3  # fp32: packing computes the same log-probs as padding
+    one_row = [r for r in packing if r["layout"] == "one_row"]
+    assert all(r["waste"] == 0 and all(shape[0] == 1 for shape in r["shapes"]) for r in one_row)
     md = (out / "check.md").read_text()
-    assert "refill / HF generate" in md and "train tokens/s" in md
+    assert "refill / HF generate" in md and "train tokens/s" in md and "max logp diff" in md
     assert {p.name for p in out.iterdir()} == {"check.json", "check.md"} | {
         f"{p}.log" for p in gpu_check.PARTS
     }
