@@ -33,9 +33,9 @@ What `run` does, each part in its own process with its own time limit (`--limit 
    padded batch: docs/results/training.md). `packing_steps` micro-batches of 2 x `train_batch` sequences of
    unequal, SPIN-like lengths (a prompt of `packing_prompt` tokens and a reply of `packing_reply`, uniform in
    each range, random token ids), one forward + backward each (gradient checkpointing on, as spinlm trains;
-   `benchmarks/packing_profile.py`'s `layouts` and `fwd_bwd`) in four layouts of the same tokens: padded,
+   `benchmarks/packing_profile.py`'s `layouts` and `fwd_bwd`) in five layouts of the same tokens: padded,
    packed into rows no wider than the padded batch (the default), rows of `spinlm.logps.row_capacity`'s
-   width, one row of everything. Median seconds over `packing_repeats` passes after a warm-up pass, the share
+   width, one row of everything, and each sequence in a forward of its own. Median seconds over `packing_repeats` passes after a warm-up pass, the share
    of positions that are padding or filler, peak memory, and the largest difference of the per-sequence
    log-probs from the padded layout's (packing must not change what is computed).
 
@@ -839,6 +839,9 @@ def on_device(layout: dict[str, Any], device: str) -> dict[str, Any]:
     """A layout of `packing_profile.layouts` with every tensor, its model inputs (`extra`) included, on `device`."""
     import torch
 
+    if "parts" in layout:
+        return {"parts": [on_device(p, device) for p in layout["parts"]]}
+
     def move(d: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
 
@@ -851,6 +854,8 @@ def sequence_logps(model: Any, layout: dict[str, Any], n: int) -> Any:
 
     from spinlm.logps import TokenLogps
 
+    if "parts" in layout:
+        return sum(sequence_logps(model, p, n) for p in layout["parts"])
     keep = torch.zeros_like(layout["input_ids"], dtype=torch.bool)  # (R, L)
     keep[:, :-1] = layout["scored"]
     with torch.no_grad():
@@ -864,7 +869,7 @@ def packing_worker(settings: Settings, results: Path) -> None:
     import statistics
 
     sys.path.insert(0, str(BENCH))
-    from packing_profile import fwd_bwd, layouts
+    from packing_profile import LAYOUTS, fwd_bwd, layouts, positions, shapes
 
     from spinlm.logps import attention_cost
     from spinlm.trainer import set_activation_checkpointing
@@ -884,7 +889,7 @@ def packing_worker(settings: Settings, results: Path) -> None:
             sequence_logps(model, b["padded"], len(c["input_ids"])) for b, c in zip(laid, collated)
         ]
         base = None
-        for name in ("padded", "packed", "cost_model", "one_row"):
+        for name in LAYOUTS:
             diff = max(
                 float((sequence_logps(model, b[name], len(c["input_ids"])) - ref).abs().max())
                 for b, c, ref in zip(laid, collated, padded_logps)
@@ -902,12 +907,12 @@ def packing_worker(settings: Settings, results: Path) -> None:
                     times.append(time.perf_counter() - start)
             seconds = statistics.median(times)
             base = base or seconds
-            positions = sum(b[name]["input_ids"].numel() for b in laid)
+            count = sum(positions(b[name]) for b in laid)
             row: dict[str, Any] = {"size": size, "layout": name, "micro_batches": len(laid)}
             row |= {"sequences_per_micro_batch": 2 * settings.train_batch, "tokens": tokens}
-            row |= {"positions": positions, "waste": 1 - tokens / positions, "seconds": seconds}
+            row |= {"positions": count, "waste": 1 - tokens / count, "seconds": seconds}
             row |= {"speed_vs_padded": base / seconds, "peak_mib": _peak_mib(device), "max_logp_diff": diff}
-            row |= {"shapes": [list(b[name]["input_ids"].shape) for b in laid]}
+            row |= {"shapes": [shapes(b[name]) for b in laid]}
             append_row(results, row)
         del model, laid
         settled_memory(device)

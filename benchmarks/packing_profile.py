@@ -11,6 +11,9 @@ trains) in three layouts of the same tokens:
 - `cost_model`: rows of the capacity `spinlm.logps.row_capacity` picks (least estimated compute);
 - `one_row`: every sequence of the micro-batch back to back in a single row (no filler at all; attention
   runs over the whole row under a block-diagonal mask, so its cost grows with the row's square).
+- `per_sequence`: every sequence in a forward of its own, (1, n) without padding or mask (no filler, and
+  attention only within each sequence, as flash-attention's varlen path does on a GPU; the price is one
+  call per sequence and matrix products of n rows instead of the batch's).
 
 Reported per layout: positions run (and the share that is padding or filler), median seconds of forward +
 backward over `--repeats` passes of all micro-batches, and with `--profile` the top operators by self CPU
@@ -32,23 +35,56 @@ from typing import Any
 import torch
 from real_common import smollm2_folder
 
+LAYOUTS = ("padded", "packed", "cost_model", "one_row", "per_sequence")
+
 
 def layouts(batch: dict[str, torch.Tensor], attention: float) -> dict[str, dict[str, Any]]:
-    """Each layout of one collated batch: its rows (input_ids, scored) and the model's other inputs, as
-    `spinlm.logps.forward_logps` runs them."""
+    """Each layout of one collated batch: its rows (input_ids, scored, owner) and the model's other inputs,
+    as `spinlm.logps.forward_logps` runs them; `per_sequence` is a list of such layouts (`parts`), one
+    (1, n) row per sequence."""
     from spinlm.logps import _padded_rows, pack_batch, row_capacity
 
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     auto = row_capacity(lengths, batch["input_ids"].shape[1], attention)
-    out = {"padded": {**_padded_rows(batch), "extra": {"attention_mask": batch["attention_mask"]}}}
+    out: dict[str, dict[str, Any]] = {
+        "padded": {**_padded_rows(batch), "extra": {"attention_mask": batch["attention_mask"]}}
+    }
     for name, cap in (("packed", None), ("cost_model", auto), ("one_row", sum(lengths))):
         rows = pack_batch(batch, capacity=cap)
         out[name] = {**rows, "extra": {"position_ids": rows["position_ids"], "use_cache": False}}
+    parts = []
+    for i, n in enumerate(lengths):
+        ids = batch["input_ids"][i : i + 1, :n]  # (1, n) the sequence alone
+        parts.append(
+            {
+                "input_ids": ids,
+                "scored": batch["loss_mask"][i : i + 1, 1:n].bool(),
+                "owner": torch.full((1, max(n - 1, 0)), i),
+                "extra": {"use_cache": False},
+            }
+        )
+    out["per_sequence"] = {"parts": parts}
     return out
+
+
+def positions(layout: dict[str, Any]) -> int:
+    """Positions the model runs for one layout."""
+    return sum(positions(p) for p in layout["parts"]) if "parts" in layout else layout["input_ids"].numel()
+
+
+def shapes(layout: dict[str, Any]) -> list[int] | list[list[int]]:
+    """(rows, width) of a layout; one (1, n) per sequence for `per_sequence`."""
+    if "parts" in layout:
+        return [list(p["input_ids"].shape) for p in layout["parts"]]
+    return list(layout["input_ids"].shape)
 
 
 def fwd_bwd(model: Any, rows: dict[str, Any]) -> None:
     """forward_logps' forward (logits only where a response token is predicted), then a backward."""
+    if "parts" in rows:
+        for part in rows["parts"]:
+            fwd_bwd(model, part)
+        return
     keep = torch.zeros_like(rows["input_ids"], dtype=torch.bool)  # (R, L)
     keep[:, :-1] = rows["scored"]
     logits = model(input_ids=rows["input_ids"], logits_to_keep=keep, **rows["extra"]).logits  # (M, V)
@@ -63,6 +99,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=768)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS, help="layouts to time")
     ap.add_argument("--profile", action="store_true", help="also print the top operators of each layout")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -89,8 +126,8 @@ def main() -> None:
     ]
     tokens = sum(int(b["padded"]["extra"]["attention_mask"].sum()) for b in batches)
     results: dict[str, Any] = {}
-    for name in ("padded", "packed", "cost_model", "one_row"):
-        positions = sum(b[name]["input_ids"].numel() for b in batches)
+    for name in args.layouts:
+        count = sum(positions(b[name]) for b in batches)
         fwd_bwd(model, batches[0][name])  # warm-up: oneDNN kernels for this shape
         times = []
         for _ in range(args.repeats):
@@ -100,13 +137,13 @@ def main() -> None:
                 model.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - start)
         results[name] = {
-            "positions": positions,
-            "waste": 1 - tokens / positions,
-            "shapes": [list(b[name]["input_ids"].shape) for b in batches],
+            "positions": count,
+            "waste": 1 - tokens / count,
+            "shapes": [shapes(b[name]) for b in batches],
             "seconds": statistics.median(times),
         }
         print(
-            f"{name:8s} positions {positions:6d} ({100 * (1 - tokens / positions):4.1f}% padding/filler), "
+            f"{name:12s} positions {count:6d} ({100 * (1 - tokens / count):4.1f}% padding/filler), "
             f"fwd+bwd {results[name]['seconds']:.2f} s, rows {results[name]['shapes']}",
             flush=True,
         )
@@ -118,9 +155,10 @@ def main() -> None:
             table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
             results[name]["profile"] = table
             print(table, flush=True)
-    base = results["padded"]["seconds"]
+    base = results[args.layouts[0]]["seconds"]
     for name, r in results.items():
-        print(f"{name:8s} speed vs padded: {base / r['seconds']:.2f}x")
+        r[f"speed_vs_{args.layouts[0]}"] = base / r["seconds"]
+        print(f"{name:12s} speed vs {args.layouts[0]}: {base / r['seconds']:.2f}x")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(

@@ -77,7 +77,9 @@ def test_cpu_dry_run_runs_every_part(tmp_path: Path) -> None:
         assert r["train_tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["score_tokens_per_s"] > 0
     packing = report["packing"]
     assert [(r["size"], r["layout"]) for r in packing] == [
-        (size, layout) for size in s.sizes for layout in ("padded", "packed", "cost_model", "one_row")
+        (size, layout)
+        for size in s.sizes
+        for layout in ("padded", "packed", "cost_model", "one_row", "per_sequence")
     ]
     for r in packing:
         assert r["micro_batches"] == s.packing_steps and r["seconds"] > 0
@@ -85,6 +87,9 @@ def test_cpu_dry_run_runs_every_part(tmp_path: Path) -> None:
         assert r["max_logp_diff"] < 1e-3  # fp32: packing computes the same log-probs as padding
     one_row = [r for r in packing if r["layout"] == "one_row"]
     assert all(r["waste"] == 0 and all(shape[0] == 1 for shape in r["shapes"]) for r in one_row)
+    per_sequence = [r for r in packing if r["layout"] == "per_sequence"]
+    assert all(len(shapes) == 2 * s.train_batch for r in per_sequence for shapes in r["shapes"])
+    assert all(r["waste"] == 0 for r in per_sequence)
     md = (out / "check.md").read_text()
     assert "refill / HF generate" in md and "train tokens/s" in md and "max logp diff" in md
     assert {p.name for p in out.iterdir()} == {"check.json", "check.md"} | {
