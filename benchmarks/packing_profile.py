@@ -16,11 +16,13 @@ trains) in three layouts of the same tokens:
   call per sequence and matrix products of n rows instead of the batch's).
 
 Reported per layout: positions run (and the share that is padding or filler), median seconds of forward +
-backward over `--repeats` passes of all micro-batches, and with `--profile` the top operators by self CPU
-time (torch.profiler) of one pass. Not an optimizer step: the weights do not change between passes.
+backward (`--forward-only`: the forward alone, without gradients) over `--repeats` passes of all
+micro-batches, and with `--profile` the top operators by self CPU time (torch.profiler) of one pass. Not an optimizer step: the weights do not change between passes.
 
     python benchmarks/real_training.py --pairs 128 --steps 16 --variants spin --out runs/real_training128
     python benchmarks/packing_profile.py --pairs runs/real_training128/work/pairs.jsonl --profile
+    python benchmarks/packing_profile.py --pairs runs/real_training128/work/pairs.jsonl \
+        --layouts padded packed per_sequence --forward-only      # forwards alone, as scoring runs them
 """
 
 from __future__ import annotations
@@ -79,16 +81,20 @@ def shapes(layout: dict[str, Any]) -> list[int] | list[list[int]]:
     return list(layout["input_ids"].shape)
 
 
-def fwd_bwd(model: Any, rows: dict[str, Any]) -> None:
-    """forward_logps' forward (logits only where a response token is predicted), then a backward."""
+def fwd_bwd(model: Any, rows: dict[str, Any], backward: bool = True) -> None:
+    """forward_logps' forward (logits only where a response token is predicted), then a backward (without
+    `backward`: the forward alone, no graph, as reference scoring runs)."""
     if "parts" in rows:
         for part in rows["parts"]:
-            fwd_bwd(model, part)
+            fwd_bwd(model, part, backward)
         return
     keep = torch.zeros_like(rows["input_ids"], dtype=torch.bool)  # (R, L)
     keep[:, :-1] = rows["scored"]
-    logits = model(input_ids=rows["input_ids"], logits_to_keep=keep, **rows["extra"]).logits  # (M, V)
-    logits.float().logsumexp(-1).mean().backward()  # a scalar that reaches every kept logit
+    with torch.set_grad_enabled(backward):
+        logits = model(input_ids=rows["input_ids"], logits_to_keep=keep, **rows["extra"]).logits  # (M, V)
+        total = logits.float().logsumexp(-1).mean()  # a scalar that reaches every kept logit
+    if backward:
+        total.backward()
 
 
 def main() -> None:
@@ -100,6 +106,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS, help="layouts to time")
+    ap.add_argument("--forward-only", action="store_true", help="time forwards without gradients (scoring)")
     ap.add_argument("--profile", action="store_true", help="also print the top operators of each layout")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
@@ -128,12 +135,12 @@ def main() -> None:
     results: dict[str, Any] = {}
     for name in args.layouts:
         count = sum(positions(b[name]) for b in batches)
-        fwd_bwd(model, batches[0][name])  # warm-up: oneDNN kernels for this shape
+        fwd_bwd(model, batches[0][name], not args.forward_only)  # warm-up: oneDNN kernels for this shape
         times = []
         for _ in range(args.repeats):
             start = time.perf_counter()
             for b in batches:
-                fwd_bwd(model, b[name])
+                fwd_bwd(model, b[name], not args.forward_only)
                 model.zero_grad(set_to_none=True)
             times.append(time.perf_counter() - start)
         results[name] = {
