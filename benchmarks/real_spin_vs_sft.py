@@ -35,6 +35,9 @@ result JSON into `--docs` (docs/bench/real_spin_vs_sft/) the moment it finishes 
   steps as each SPIN iteration, with twice SPIN's batch: a SPIN step trains B real + B generated
   sequences, an SFT step 2B real ones, so both train the same number of sequences (2 N epochs per
   iteration). A fresh optimizer and schedule per iteration, as SPIN has.
+- `seed<S>-spin-<variant>` -> seed<S>-spin-<variant>.json: SPIN as `seed<S>-spin` with one of VARIANTS'
+  config overrides (`beta1`: beta 1.0; `mix`: the official code's mixing of the previous iteration's pairs),
+  its models in SEED/spin-<variant>/; reported beside the two methods, never merged into seed<S>.json.
 - `seed<S>`: both methods, one after the other. When both of a seed's files exist they are merged into
   seed<S>.json (settings, commit per unit, per-stage seconds, every metric and the per-question vectors of
   start, spin_1..spin_T, sft_1..sft_T, the warm-up curve) and the partial files removed.
@@ -137,6 +140,16 @@ WARMUP_SEED = 0  # the warm-up's batch order: one start for every seed
 EVAL_SEED = 0  # every evaluation's sampling seed: the same random numbers for every checkpoint
 LOOP_HELD_OUT = 1  # data.eval_size of the loop: one extra game row it holds out for its own metrics
 METHODS = ("spin", "sft")
+# SPIN variants, each its own unit `seed<S>-spin-<name>` beside the two methods (the issue's rule: if SPIN
+# loses everywhere, report the paper's own code's variant or a larger beta). Overrides of the SPIN run's config;
+# fixed here so a variant's name says exactly what ran. `beta1`: beta 1.0 (10x the paper's 0.1: the loss
+# saturates at a 10x smaller log-ratio margin, so the player moves less far from its opponent); `mix`: the
+# official code's mixing of the previous iteration's pairs (iteration t >= 2 trains on 2N pairs, twice SFT's
+# sequences).
+VARIANTS: dict[str, dict[str, Any]] = {
+    "beta1": {"train.beta": 1.0},
+    "mix": {"train.mix_previous.window": 1},
+}
 # Seconds per unit of work with 2 threads, before any stage of this run folder has been measured
 # (docs/results/cost.md "Cost versus size": bf16 on a CPU with AMX; fp32 on a CPU without AMX, its tables and
 # "Generation on a real model"'s refill fp32 146.6 tokens/s). Per generated token, scored position, and
@@ -197,15 +210,23 @@ def recipe(s: Settings) -> dict[str, Any]:
 
 def parse_unit(unit: str) -> tuple[str, int | None, str | None]:
     """'warmup' / 'start' / 'plan' -> (name, None, None); 'seed3-spin' -> ('seed', 3, 'spin'); 'seed3' ->
-    ('seed', 3, None)."""
+    ('seed', 3, None); 'seed3-spin-beta1' -> ('seed', 3, 'spin-beta1') (a VARIANTS name)."""
     if unit in ("warmup", "start", "plan"):
         return unit, None, None
-    m = re.fullmatch(r"seed(\d+)(?:-(spin|sft))?", unit)
+    variants = "|".join(VARIANTS)
+    m = re.fullmatch(rf"seed(\d+)(?:-(spin|sft|spin-(?:{variants})))?", unit)
     if m is None:
         raise SpinError(
-            f"unknown unit {unit!r}", hint="use warmup, start, plan, seed<S>, seed<S>-spin or seed<S>-sft"
+            f"unknown unit {unit!r}",
+            hint="use warmup, start, plan, seed<S>, seed<S>-spin, seed<S>-sft or seed<S>-spin-<variant> "
+            f"(variants: {', '.join(VARIANTS)})",
         )
     return "seed", int(m.group(1)), m.group(2)
+
+
+def variant_of(method: str) -> str | None:
+    """'spin-beta1' -> 'beta1'; 'spin' / 'sft' -> None."""
+    return method.removeprefix("spin-") if method.startswith("spin-") else None
 
 
 # --- data -----------------------------------------------------------------------------------------------
@@ -281,9 +302,16 @@ def prepare(s: Settings, base: str) -> Context:
 
 
 def spin_config(
-    s: Settings, seed: int, start: str, data_file: Path, run_dir: Path, iterations: int | None = None
+    s: Settings,
+    seed: int,
+    start: str,
+    data_file: Path,
+    run_dir: Path,
+    iterations: int | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> SpinConfig:
-    """The SPIN run's config; with seed EVAL_SEED also every evaluation's (same generation, beta, lengths)."""
+    """The SPIN run's config (`overrides`: a variant's); with seed EVAL_SEED also every evaluation's (same
+    generation, beta, lengths)."""
     values: dict[str, Any] = {
         "output_dir": str(run_dir),
         "seed": seed,
@@ -316,7 +344,7 @@ def spin_config(
         "eval.stop.discriminability_band": 0.0,  # always play every iteration
         "eval.stop.patience": 0,
     }
-    return load_config(None, None, **values)
+    return load_config(None, None, **(values | (overrides or {})))
 
 
 def eval_config(s: Settings, start: str) -> SpinConfig:
@@ -490,7 +518,7 @@ def measured_rates(out: Path) -> dict[str, tuple[float, float, int]]:
     found: dict[str, tuple[float, float, int]] = {}
     patterns = ("warmup/warmup.json", "eval/*.json", "seed*/eval/*.json", "seed*/sft/iteration_*/sft.json")
     for path in [p for pattern in patterns for p in out.glob(pattern)] + list(
-        out.glob("seed*/spin_cost_*.json")
+        out.glob("seed*/spin*_cost_*.json")
     ):
         for kind, (seconds, work) in read_json(path).get("cost", {}).items():
             s0, w0, n0 = found.get(kind, (0.0, 0.0, 0))
@@ -567,9 +595,10 @@ class Estimator:
         train = s.warmup_max_steps * s.warmup_batch * seq * self.rates["train"]
         return train + checks * s.warmup_val * seq * self.rates["score"] + STAGE_OVERHEAD_S
 
-    def stages(self, unit: str) -> list[tuple[str, float]]:
-        """(stage, expected seconds) of a unit, prerequisites excluded."""
-        T = self.s.iterations
+    def stages(self, unit: str, method: str | None = None) -> list[tuple[str, float]]:
+        """(stage, expected seconds) of a unit, prerequisites excluded; `method` names the stages of a
+        SPIN variant (estimated as SPIN: a mixing variant trains longer from iteration 2)."""
+        T, name = self.s.iterations, method or unit
         if unit == "warmup":
             return [("warmup (at the step cap)", self.warmup())]
         if unit == "start":
@@ -578,7 +607,7 @@ class Estimator:
             return [
                 x
                 for t in range(1, T + 1)
-                for x in ((f"spin_{t}", self.spin_iteration()), (f"eval_spin_{t}", self.evaluation(t)))
+                for x in ((f"{name}_{t}", self.spin_iteration()), (f"eval_{name}_{t}", self.evaluation(t)))
             ]
         return [
             x
@@ -856,30 +885,36 @@ class Seed:
     train: list[Example]
     rows: list[int]
     held_out_row: Any
+    method: str = "spin"  # "spin", "sft" or "spin-<variant>": its models live in SEED/<method>/
 
 
-def seed_game(ctx: Context, seed: int) -> Seed:
+def seed_game(ctx: Context, seed: int, method: str = "spin") -> Seed:
+    """Seed S's game for `method`: the SPIN config (with a variant's overrides; SFT reads its steps, learning
+    rates and schedule from the plain one) and the N prompts."""
     s, root = ctx.s, ctx.s.out / f"seed{seed}"
     rows = seed_rows(ctx.parts, s, seed)
     write_rows(root / "data" / "train.jsonl", [ctx.train_rows[i] for i in rows])
-    cfg = spin_config(s, seed, start_dir(s), root / "data" / "train.jsonl", root / "spin")
+    variant = variant_of(method)
+    run_dir = root / (method if variant else "spin")
+    overrides = VARIANTS[variant] if variant else None
+    cfg = spin_config(s, seed, start_dir(s), root / "data" / "train.jsonl", run_dir, overrides=overrides)
     # Exactly the N prompts the loop trains on (it holds out LOOP_HELD_OUT of the N + 1 rows itself).
     train, held_out, _ = spinlm.loop.load_examples(cfg, ctx.tok)
     if len(train) != s.prompts:
         raise SpinError(
             f"the loop would train on {len(train)} prompts, not {s.prompts} (duplicate questions?)"
         )
-    return Seed(seed, root, cfg, train, rows, held_out[0].meta.get("row") if held_out else None)
+    return Seed(seed, root, cfg, train, rows, held_out[0].meta.get("row") if held_out else None, method)
 
 
 def spin_iteration(ctx: Context, game: Seed, t: int) -> dict[str, Any]:
     """SPIN iteration t: `spinlm.loop.run` played to iteration t (it resumes by itself); its record (stages'
-    seconds, optimizer steps, pair statistics, cost), kept in SEED/spin_cost_t.json."""
-    path = game.root / f"spin_cost_{t}.json"
+    seconds, optimizer steps, pair statistics, cost), kept in SEED/<method>_cost_t.json."""
+    path = game.root / f"{game.method}_cost_{t}.json"
     if path.exists():
         return dict(read_json(path))
     spinlm.loop.run(replace(game.cfg, train=replace(game.cfg.train, iterations=t)))
-    it = game.root / "spin" / f"iteration_{t}"
+    it = Path(game.cfg.output_dir) / f"iteration_{t}"
     metrics = read_json(it / "metrics.json")
     logged = [row for row in read_jsonl(it / "train_log.jsonl") if "step" in row]
     generated = sum(
@@ -889,9 +924,13 @@ def spin_iteration(ctx: Context, game: Seed, t: int) -> dict[str, Any]:
     )
     p, r = lengths(ctx.tok, game.train, ctx.s.max_length)
     pairs = 2 * sum(p) + sum(r) + generated  # positions of every (real, generated) pair
+    steps = int(logged[-1]["step"]) if logged else None
+    # Pairs trained per pair sampled: 1 for SPIN, ~2 from iteration 2 on when a variant mixes in the
+    # previous iteration's pairs (the trainer's plan: steps x batch over the N pairs' epochs).
+    mixed = (steps or 0) * game.cfg.train.batch_size / max(len(p) * ctx.s.epochs, 1) if steps else 1.0
     record = {
         "iteration": t,
-        "optimizer_steps": int(logged[-1]["step"]) if logged else None,
+        "optimizer_steps": steps,
         "sequences_per_step": 2 * game.cfg.train.batch_size,
         "seconds": {
             ("total" if k == "seconds" else k.removeprefix("seconds_")): v
@@ -902,7 +941,7 @@ def spin_iteration(ctx: Context, game: Seed, t: int) -> dict[str, Any]:
         "cost": {
             "generate": [metrics.get("seconds_generate", 0.0), generated],
             "score_pairs": [metrics.get("seconds_score", 0.0), pairs],
-            "train": [metrics.get("seconds_train", 0.0), pairs * ctx.s.epochs],
+            "train": [metrics.get("seconds_train", 0.0), pairs * ctx.s.epochs * max(mixed, 1.0)],
         },
     }
     write_json(path, record)
@@ -972,28 +1011,29 @@ def sft_iteration(ctx: Context, game: Seed, t: int) -> dict[str, Any]:
 
 def run_method(ctx: Context, est: Estimator, seed: int, method: str) -> Path:
     """Unit seed<S>-<method>: T iterations, each evaluated at once; writes docs seed<S>-<method>.json (or,
-    when the other method's file is there, seed<S>.json). A unit whose result is already in the docs is
-    not run again (delete its file to redo it)."""
+    when the other method's file is there, seed<S>.json; a variant's file is never merged). A unit whose
+    result is already in the docs is not run again (delete its file to redo it)."""
     done = finished_unit(ctx.s, seed, method)
     if done is not None:
         print(f"[skip] seed{seed}-{method}: its result is already in {done}", flush=True)
         return done
     start_record, state = start_eval(ctx, est)
-    game = seed_game(ctx, seed)
-    unit = f"seed{seed}-{method}"
+    game = seed_game(ctx, seed, method)
+    unit, variant = f"seed{seed}-{method}", variant_of(method)
+    kind = "sft" if method == "sft" else "spin"
     est.refresh()
-    est.announce(unit, est.stages(method))
+    est.announce(unit, est.stages(kind, method))
     training, evals, seconds = [], {"start": doc_eval(start_record)}, {"eval_start": start_record["seconds"]}
     for t in range(1, ctx.s.iterations + 1):
         key = f"{method}_{t}"
-        step = spin_iteration if method == "spin" else sft_iteration
+        step = spin_iteration if kind == "spin" else sft_iteration
         training.append(step(ctx, game, t))
         seconds[key] = training[-1]["seconds"]
-        model_dir = game.root / ("spin" if method == "spin" else "sft") / f"iteration_{t}" / "model"
+        model_dir = game.root / method / f"iteration_{t}" / "model"
         record, state = evaluate_checkpoint(ctx, game.root / "eval" / f"{key}.json", str(model_dir), t, state)
         evals[key], seconds[f"eval_{key}"] = doc_eval(record), record["seconds"]
         est.refresh()
-        left = [x for x in est.stages(method) if x[0] not in seconds]
+        left = [x for x in est.stages(kind, method) if x[0] not in seconds]
         if left:
             est.announce(f"{unit} (remaining, revised)", left)
     warmup = read_json(ctx.s.out / "warmup" / "warmup.json")
@@ -1008,8 +1048,11 @@ def run_method(ctx: Context, est: Estimator, seed: int, method: str) -> Path:
         "seconds": seconds,
         "training": {method: [{k: v for k, v in r.items() if k != "cost"} for r in training]},
     }
-    write_doc(ctx.s, f"{unit}.json", result)
-    return merge_seed(ctx.s, seed)
+    if variant:
+        result["variant"] = {"name": variant, "overrides": VARIANTS[variant]}
+        result["deviations"].append(f"variant {variant}: {VARIANTS[variant]} (the SPIN run's config)")
+    path = write_doc(ctx.s, f"{unit}.json", result)
+    return path if variant else merge_seed(ctx.s, seed)
 
 
 def finished_unit(s: Settings, seed: int, method: str) -> Path | None:
@@ -1042,7 +1085,12 @@ def parse_args(argv: list[str] | None = None) -> Settings:
         description=(__doc__ or "").split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     add = p.add_argument
-    add("--unit", required=True, help="warmup, start, seed<S>-spin, seed<S>-sft, seed<S> (both) or plan")
+    add(
+        "--unit",
+        required=True,
+        help="warmup, start, seed<S>-spin, seed<S>-sft, seed<S> (both), seed<S>-spin-<variant> "
+        f"({', '.join(VARIANTS)}) or plan",
+    )
     add("--out", type=Path, default=DEFAULT_OUT, help="run folder (resumed if present), outside the checkout")
     add("--docs", type=Path, default=report.DOCS_DIR, help="where each finished unit's result JSON goes")
     add("--data-dir", type=Path, default=DEFAULT_DATA, help="folder with GSM8K train.jsonl and test.jsonl")

@@ -1,7 +1,8 @@
 """Read the SPIN vs continued SFT result files (benchmarks/real_spin_vs_sft.py) and regenerate the docs.
 
 What it reads: docs/bench/real_spin_vs_sft/ (`--dir`): `seed<S>.json` (a complete seed), else that seed's
-partial files `seed<S>-spin.json` / `seed<S>-sft.json`, and `start.json` / `warmup.json`. Every evaluation
+partial files `seed<S>-spin.json` / `seed<S>-sft.json`, `start.json` / `warmup.json`, and any SPIN variant's
+`seed<S>-spin-<variant>.json` (reported beside the two methods, for the seeds that have one). Every evaluation
 in them carries, besides its metrics, the per-question vectors the metrics are computed from (`questions`:
 see `metrics_from_vectors`), so everything here is recomputed from the files present and the table grows
 seed by seed.
@@ -41,6 +42,17 @@ import numpy as np
 DOCS_DIR = Path(__file__).resolve().parents[1] / "docs" / "bench" / "real_spin_vs_sft"
 METHODS = ("spin", "sft")
 LABELS = {"start": "start (both)", "spin": "SPIN", "sft": "continued SFT"}
+SHORT = {"spin": "SPIN", "sft": "SFT"}
+VARIANT_FILE = re.compile(r"seed(\d+)-(spin-[a-z0-9]+)\.json")
+
+
+def label(method: str, short: bool = False) -> str:
+    """'spin' -> 'SPIN', 'sft' -> 'continued SFT' ('SFT' short), 'spin-beta1' -> 'SPIN (beta1)'."""
+    if method.startswith("spin-"):
+        return f"SPIN ({method.removeprefix('spin-')})"
+    return (SHORT if short else LABELS)[method]
+
+
 # (metric, short title for the plot, decimals, better): better is "high", "low" or "half" (0.5 is the target)
 METRICS = (
     ("answer_exact_match", "greedy exact match", 3, "high"),
@@ -198,9 +210,9 @@ def loglik_difference(
 # --- the result files -----------------------------------------------------------------------------------
 
 
-def eval_keys(iterations: int) -> list[str]:
-    """start, spin_1, sft_1, ..., spin_T, sft_T."""
-    return ["start"] + [f"{m}_{t}" for t in range(1, iterations + 1) for m in METHODS]
+def eval_keys(iterations: int, methods: tuple[str, ...] = METHODS) -> list[str]:
+    """start, spin_1, sft_1, ..., spin_T, sft_T (and each further method's, after them per iteration)."""
+    return ["start"] + [f"{m}_{t}" for t in range(1, iterations + 1) for m in methods]
 
 
 def load_seeds(folder: Path) -> dict[int, dict[str, Any]]:
@@ -219,6 +231,24 @@ def load_seeds(folder: Path) -> dict[int, dict[str, Any]]:
             continue  # a stale partial beside the merged file: the merged one wins
         seeds[seed] = merge_partials(seeds.get(seed), record)
     return dict(sorted(seeds.items()))
+
+
+def load_variants(folder: Path, seeds: dict[int, dict[str, Any]]) -> tuple[str, ...]:
+    """Merge every `seed<S>-spin-<variant>.json` of a seed in `seeds` into its record (evaluations keyed
+    `spin-<variant>_t`, seconds, training, commits); the variant methods found, sorted."""
+    found = set()
+    for path in sorted(folder.glob("seed*-spin-*.json")):
+        m = VARIANT_FILE.fullmatch(path.name)
+        if m is None or int(m.group(1)) not in seeds:
+            continue
+        record, base = json.loads(path.read_text(encoding="utf-8")), seeds[int(m.group(1))]
+        for key in ("evals", "seconds", "training", "commits"):
+            base[key] = {
+                **base.get(key, {}),
+                **{k: v for k, v in record.get(key, {}).items() if k != "start"},
+            }
+        found.add(m.group(2))
+    return tuple(sorted(found))
 
 
 def merge_partials(a: dict[str, Any] | None, b: dict[str, Any]) -> dict[str, Any]:
@@ -259,30 +289,39 @@ def metric_values(seeds: dict[int, dict[str, Any]], key: str, metric: str) -> li
     return out
 
 
-def metrics_table(seeds: dict[int, dict[str, Any]], iterations: int) -> list[str]:
+def metrics_table(
+    seeds: dict[int, dict[str, Any]], iterations: int, methods: tuple[str, ...] = METHODS
+) -> list[str]:
     head = "| iteration | method | " + " | ".join(m for m, *_ in METRICS) + " |"
     lines = [head, "|---|---|" + "---|" * len(METRICS)]
-    for key in eval_keys(iterations):
-        method, t = (key, 0) if key == "start" else (key.split("_")[0], int(key.split("_")[1]))
-        cells = [_cell(metric_values(seeds, key, m), d, len(seeds)) for m, _, d, _ in METRICS]
-        lines.append(f"| {t} | {LABELS[method]} | " + " | ".join(cells) + " |")
+    for key in eval_keys(iterations, methods):
+        method, t = (key, 0) if key == "start" else (key.rsplit("_", 1)[0], int(key.rsplit("_", 1)[1]))
+        values = [metric_values(seeds, key, m) for m, *_ in METRICS]
+        if not any(values):
+            continue  # a variant no seed has run to this iteration
+        cells = [_cell(v, d, len(seeds)) for v, (_, _, d, _) in zip(values, METRICS)]
+        lines.append(f"| {t} | {label(method)} | " + " | ".join(cells) + " |")
     return lines
 
 
-def paired_table(seeds: dict[int, dict[str, Any]], iterations: int) -> list[str]:
-    """Per iteration and seed with both methods: exact match SPIN-only / SFT-only and McNemar p; the
+def paired_table(
+    seeds: dict[int, dict[str, Any]], iterations: int, first: str = "spin", second: str = "sft"
+) -> list[str]:
+    """Per iteration and seed with both methods: exact match first-only / second-only and McNemar p; the
     log-likelihood per token difference with its bootstrap interval."""
+    a_name, b_name = label(first, short=True), label(second, short=True)
     lines = [
-        "| iteration | seed | exact match SPIN / SFT | SPIN right, SFT wrong | SFT right, SPIN wrong "
-        "| McNemar p (exact) | loglik/token SPIN − SFT [95% bootstrap] |",
+        f"| iteration | seed | exact match {a_name} / {b_name} | {a_name} right, {b_name} wrong "
+        f"| {b_name} right, {a_name} wrong | McNemar p (exact) "
+        f"| loglik/token {a_name} − {b_name} [95% bootstrap] |",
         "|---|---|---|---|---|---|---|",
     ]
     for t in range(1, iterations + 1):
         for seed, record in seeds.items():
             evals = record["evals"]
-            if f"spin_{t}" not in evals or f"sft_{t}" not in evals:
+            if f"{first}_{t}" not in evals or f"{second}_{t}" not in evals:
                 continue
-            a, b = vectors(evals[f"spin_{t}"]["questions"]), vectors(evals[f"sft_{t}"]["questions"])
+            a, b = vectors(evals[f"{first}_{t}"]["questions"]), vectors(evals[f"{second}_{t}"]["questions"])
             pc = paired_counts(a["correct"], b["correct"])
             real = np.asarray(record["real_tokens"], dtype=float)
             diff, ci = loglik_difference(a["loglik"], b["loglik"], real, seed=seed * 1000 + t)
@@ -338,6 +377,7 @@ def markdown(folder: Path) -> str:
     iterations = iterations_of(seeds)
     first = next(iter(seeds.values()))
     s = first["settings"]
+    variants = load_variants(folder, seeds)
     complete = [seed for seed, r in seeds.items() if r.get("complete")]
     lines = [
         f"Seeds {list(seeds)} (complete: {complete}); {s['prompts']} GSM8K train prompts; {s['eval_size']} "
@@ -347,6 +387,7 @@ def markdown(folder: Path) -> str:
         *metrics_table(seeds, iterations),
         "\nPaired per question (same test questions, same evaluation seeds for both methods):\n",
         *paired_table(seeds, iterations),
+        *variant_lines(seeds, iterations, variants),
         "\nWall seconds per stage (mean over seeds):\n",
         *seconds_table(seeds, iterations),
         "",
@@ -355,6 +396,23 @@ def markdown(folder: Path) -> str:
         "Commits: " + "; ".join(f"seed {k}: {r.get('commits')}" for k, r in seeds.items()),
     ]
     return "\n".join(lines) + "\n"
+
+
+def variant_lines(seeds: dict[int, dict[str, Any]], iterations: int, variants: tuple[str, ...]) -> list[str]:
+    """Each SPIN variant beside the two methods: its metrics, then paired against continued SFT and
+    against plain SPIN of the same seeds."""
+    lines: list[str] = []
+    for v in variants:
+        have = [seed for seed, r in seeds.items() if f"{v}_1" in r["evals"]]
+        lines += [
+            f"\n{label(v)}, seeds {have} (its own unit; the rows of the other methods are the same seeds'):\n",
+            *metrics_table({k: seeds[k] for k in have}, iterations, (*METHODS, v)),
+            "",
+            *paired_table(seeds, iterations, v, "sft"),
+            "",
+            *paired_table(seeds, iterations, v, "spin"),
+        ]
+    return lines
 
 
 # --- the plot -------------------------------------------------------------------------------------------
@@ -402,19 +460,20 @@ def plot(folder: Path, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     iterations = iterations_of(seeds)
+    methods = (*METHODS, *load_variants(folder, seeds))
     fig, axes = plt.subplots(2, 4, figsize=(16, 7.5))
-    colors = {"spin": "tab:red", "sft": "tab:blue"}
+    colors = dict(zip(methods, ("tab:red", "tab:blue", "tab:orange", "tab:green", "tab:purple")))
     for ax, (metric, title, _, _) in zip(axes.flat, METRICS):
-        for k, method in enumerate(METHODS):
+        for k, method in enumerate(methods):
             points = series(seeds, method, iterations, metric)
             points = [p for p in points if p[1]]
-            shift = (k - 0.5) * 0.08  # the two methods side by side, not on top of each other
+            shift = (k - (len(methods) - 1) / 2) * 0.08  # methods side by side, not on top of each other
             xs = [t + shift for t, _, _ in points]
             ys = [statistics.fmean(v) for _, v, _ in points]
             lo = [y - ci[0] if ci else 0.0 for y, (_, _, ci) in zip(ys, points)]
             hi = [ci[1] - y if ci else 0.0 for y, (_, _, ci) in zip(ys, points)]
             ax.errorbar(
-                xs, ys, yerr=[lo, hi], color=colors[method], marker="o", capsize=3, label=LABELS[method]
+                xs, ys, yerr=[lo, hi], color=colors[method], marker="o", capsize=3, label=label(method)
             )
             for x, (_, v, _) in zip(xs, points):
                 ax.scatter([x] * len(v), v, color=colors[method], s=8, alpha=0.4)

@@ -202,6 +202,27 @@ def test_tables_from_fake_seed_files(tmp_path: Path) -> None:
     assert f"| 1 | 0 | 0.750 / 0.500 | 2 | 1 | {rep.mcnemar_exact(2, 1):.3g} | +0.2000 " in text
     assert "\n| 1 | 1 |" not in text  # seed 1 has no SFT yet: no paired row
     assert "| 1 | 60 | " not in text and "| 90 | 60 | 5 | 5 |" in text
+    assert "beta1" not in text
+
+
+def test_a_variant_is_reported_beside_both_methods(tmp_path: Path) -> None:
+    write = lambda name, obj: (tmp_path / name).write_text(json.dumps(obj))  # noqa: E731
+    merged = rep.merge_partials(seed_file("spin", "1110", [-10.0] * 4), seed_file("sft", "1001", [-12.0] * 4))
+    write("seed0.json", merged)
+    write("seed0-spin-beta1.json", seed_file("spin-beta1", "1011", [-11.0] * 4))
+    write("seed7-spin-beta1.json", seed_file("spin-beta1", "1111", [-1.0] * 4))  # no such seed: ignored
+    seeds = rep.load_seeds(tmp_path)
+    assert list(seeds) == [0] and seeds[0]["complete"]  # the variant's file is not a seed of its own
+    text = rep.markdown(tmp_path)
+    assert "SPIN (beta1), seeds [0]" in text
+    assert "| 1 | SPIN (beta1) | 0.750 | -1.100 |" in text
+    # against SFT ("1001"): variant right & SFT wrong on question 2; the reverse on none.
+    assert f"| 1 | 0 | 0.750 / 0.500 | 1 | 0 | {rep.mcnemar_exact(1, 0):.3g} | +0.1000 " in text
+    # against SPIN ("1110"): variant right on 3 (SPIN wrong), SPIN right on 1 (variant wrong).
+    assert f"| 1 | 0 | 0.750 / 0.750 | 1 | 1 | {rep.mcnemar_exact(1, 1):.3g} | -0.1000 " in text
+    assert "exact match SPIN (beta1) / SFT" in text
+    png = rep.plot(tmp_path, tmp_path / "plot.png")
+    assert png is not None and png.stat().st_size > 0
 
 
 # --- the benchmark's unit logic -------------------------------------------------------------------------
@@ -213,6 +234,22 @@ def test_parse_unit() -> None:
     assert bench.parse_unit("seed3") == ("seed", 3, None)
     with pytest.raises(SpinError):
         bench.parse_unit("seed-spin")
+    assert bench.parse_unit("seed2-spin-beta1") == ("seed", 2, "spin-beta1")
+    assert bench.variant_of("spin-mix") == "mix" and bench.variant_of("spin") is None
+    for bad in ("seed2-sft-beta1", "seed2-spin-nosuch"):
+        with pytest.raises(SpinError, match="variant"):
+            bench.parse_unit(bad)
+
+
+def test_variants_override_only_the_spin_config(tmp_path: Path) -> None:
+    s = settings(tmp_path)
+    data, run = tmp_path / "train.jsonl", tmp_path / "run"
+    plain = bench.spin_config(s, 0, "m", data, run)
+    beta1 = bench.spin_config(s, 0, "m", data, run, overrides=bench.VARIANTS["beta1"])
+    mix = bench.spin_config(s, 0, "m", data, run, overrides=bench.VARIANTS["mix"])
+    assert (plain.train.beta, beta1.train.beta, mix.train.beta) == (0.1, 1.0, 0.1)
+    assert (plain.train.mix_previous.window, mix.train.mix_previous.window) == (0, 1)
+    assert beta1.train.learning_rate == plain.train.learning_rate and beta1.generation == plain.generation
 
 
 def settings(tmp_path: Path, **kw: object) -> bench.Settings:
