@@ -140,8 +140,8 @@ WARMUP_SEED = 0  # the warm-up's batch order: one start for every seed
 EVAL_SEED = 0  # every evaluation's sampling seed: the same random numbers for every checkpoint
 LOOP_HELD_OUT = 1  # data.eval_size of the loop: one extra game row it holds out for its own metrics
 METHODS = ("spin", "sft")
-# SPIN variants, each its own unit `seed<S>-spin-<name>` beside the two methods (the rule: if SPIN
-# loses everywhere, report the paper's own code's variant or a larger beta). Overrides of the SPIN run's config;
+# SPIN variants, each its own unit `seed<S>-spin-<name>` beside the two methods (if SPIN loses
+# everywhere, the paper's own code's variant or a larger beta is the next thing to try). Overrides of the SPIN run's config;
 # fixed here so a variant's name says exactly what ran. `beta1`: beta 1.0 (10x the paper's 0.1: the loss
 # saturates at a 10x smaller log-ratio margin, so the player moves less far from its opponent); `mix`: the
 # official code's mixing of the previous iteration's pairs (iteration t >= 2 trains on 2N pairs, twice SFT's

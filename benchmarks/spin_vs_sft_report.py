@@ -15,7 +15,8 @@ What it computes, on the same test questions for both methods:
   the discordant pairs; it ignores the concordant ones, as it should);
 - held-out log-likelihood per token of the real answers: SPIN - SFT per iteration and seed with a paired
   bootstrap interval over questions (`bootstrap_ci`: percentile interval, seeded, so rerunning gives the
-  same numbers);
+  same numbers); the same paired difference and interval for the sample-level metrics
+  (`differences_table`: final-answer rates, calculator annotations, W1 length distance);
 - one PNG (`--png`): each metric over iterations 0..T for both methods, the mean over seeds with a 95%
   bootstrap interval over questions (the same resampled questions for every seed and both methods), and
   each seed's own value as a dot.
@@ -333,6 +334,51 @@ def paired_table(
     return lines
 
 
+def metric_difference(
+    metric: str, a: dict[str, np.ndarray], b: dict[str, np.ndarray], real: np.ndarray, seed: int = 0
+) -> tuple[float | None, tuple[float, float] | None]:
+    """a - b on one metric of two evaluations of the same questions, and its paired bootstrap interval (both
+    resampled on the same questions); None where the metric is undefined for either."""
+
+    def diff(idx: np.ndarray | None = None) -> float | None:
+        x, y = metric_value(metric, a, real, idx), metric_value(metric, b, real, idx)
+        return None if x is None or y is None else x - y
+
+    value = diff()
+    return value, (bootstrap_ci(diff, len(real), seed=seed) if value is not None else None)
+
+
+def differences_table(
+    seeds: dict[int, dict[str, Any]], iterations: int, first: str = "spin", second: str = "sft"
+) -> list[str]:
+    """Per iteration and seed: first - second on every metric but exact match and discriminability (those
+    have their own test / no direction), with a paired 95% bootstrap interval; * when it excludes 0."""
+    metrics = [(m, d) for m, _, d, _ in METRICS if m not in ("answer_exact_match", "discriminability")]
+    a_name, b_name = label(first, short=True), label(second, short=True)
+    lines = [
+        "| iteration | seed | " + " | ".join(f"{m} {a_name} − {b_name}" for m, _ in metrics) + " |",
+        "|---|---|" + "---|" * len(metrics),
+    ]
+    for t in range(1, iterations + 1):
+        for seed, record in seeds.items():
+            evals = record["evals"]
+            if f"{first}_{t}" not in evals or f"{second}_{t}" not in evals:
+                continue
+            a, b = vectors(evals[f"{first}_{t}"]["questions"]), vectors(evals[f"{second}_{t}"]["questions"])
+            real = np.asarray(record["real_tokens"], dtype=float)
+            cells = []
+            for k, (m, d) in enumerate(metrics):
+                value, ci = metric_difference(m, a, b, real, seed=seed * 1000 + 10 * t + k)
+                if value is None:
+                    cells.append("–")
+                    continue
+                star = "*" if ci and (ci[0] > 0 or ci[1] < 0) else ""
+                interval = f" [{ci[0]:+.{d}f}, {ci[1]:+.{d}f}]" if ci else ""
+                cells.append(f"{value:+.{d}f}{interval}{star}")
+            lines.append(f"| {t} | {seed} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def seconds_table(seeds: dict[int, dict[str, Any]], iterations: int) -> list[str]:
     """Wall seconds per stage, mean over the seeds that ran it."""
 
@@ -341,8 +387,8 @@ def seconds_table(seeds: dict[int, dict[str, Any]], iterations: int) -> list[str
         return f"{statistics.fmean(vs):.0f}" if vs else "–"
 
     lines = [
-        "| iteration | SPIN generate s | SPIN score s | SPIN train s | SPIN iteration s | SFT train s "
-        "| eval SPIN s | eval SFT s |",
+        "| iteration | generate s (SPIN) | score s (SPIN) | train s (SPIN) | iteration s (SPIN) | train s (SFT) "
+        "| eval s (SPIN) | eval s (SFT) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for t in range(1, iterations + 1):
@@ -387,6 +433,8 @@ def markdown(folder: Path) -> str:
         *metrics_table(seeds, iterations),
         "\nPaired per question (same test questions, same evaluation seeds for both methods):\n",
         *paired_table(seeds, iterations),
+        "\nThe other metrics, paired per question (95% bootstrap over questions; * the interval excludes 0):\n",
+        *differences_table(seeds, iterations),
         *variant_lines(seeds, iterations, variants),
         "\nWall seconds per stage (mean over seeds):\n",
         *seconds_table(seeds, iterations),
@@ -411,6 +459,8 @@ def variant_lines(seeds: dict[int, dict[str, Any]], iterations: int, variants: t
             *paired_table(seeds, iterations, v, "sft"),
             "",
             *paired_table(seeds, iterations, v, "spin"),
+            "",
+            *differences_table(seeds, iterations, v, "sft"),
         ]
     return lines
 

@@ -201,6 +201,9 @@ def test_tables_from_fake_seed_files(tmp_path: Path) -> None:
     # paired, seed 0 only: SPIN right & SFT wrong on questions 1, 2; the reverse on question 3.
     assert f"| 1 | 0 | 0.750 / 0.500 | 2 | 1 | {rep.mcnemar_exact(2, 1):.3g} | +0.2000 " in text
     assert "\n| 1 | 1 |" not in text  # seed 1 has no SFT yet: no paired row
+    # the other metrics' paired differences: log-lik. per token -1.0 vs -1.2 on every question, so every
+    # resample gives +0.2 and the interval, [0.2, 0.2], excludes 0.
+    assert "| 1 | 0 | +0.200 [+0.200, +0.200]* |" in text
     assert "| 1 | 60 | " not in text and "| 90 | 60 | 5 | 5 |" in text
     assert "beta1" not in text
 
@@ -226,6 +229,22 @@ def test_a_variant_is_reported_beside_both_methods(tmp_path: Path) -> None:
 
 
 # --- the benchmark's unit logic -------------------------------------------------------------------------
+
+
+def test_metric_difference_is_paired_and_undefined_where_a_metric_is() -> None:
+    real = np.array([10.0, 10.0, 10.0, 10.0])
+    a, b = (
+        rep.vectors(questions("1100", [-10.0] * 4, "1100")),
+        rep.vectors(questions("1000", [-20.0] * 4, None)),
+    )
+    value, ci = rep.metric_difference("loglik_real_per_token", a, b, real)
+    assert value == pytest.approx(1.0) and ci == pytest.approx(
+        (1.0, 1.0)
+    )  # the same +10 nats on every question
+    value, ci = rep.metric_difference("final_answer_rate", a, b, real)
+    assert value == pytest.approx(a["final"].mean() - b["final"].mean())
+    assert ci is not None and ci[0] <= value <= ci[1]
+    assert rep.metric_difference("discriminability", a, b, real) == (None, None)  # b has no opponent
 
 
 def test_parse_unit() -> None:
