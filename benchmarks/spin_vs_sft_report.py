@@ -34,7 +34,7 @@ import json
 import math
 import re
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +305,22 @@ def metrics_table(
     return lines
 
 
+def paired_evaluations(
+    seeds: dict[int, dict[str, Any]], iterations: int, first: str, second: str
+) -> Iterator[tuple[int, int, dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]]:
+    """(iteration, seed, first's vectors, second's vectors, real answer lengths) for every iteration and
+    seed that has both evaluations."""
+    for t in range(1, iterations + 1):
+        for seed, record in seeds.items():
+            evals = record["evals"]
+            if f"{first}_{t}" in evals and f"{second}_{t}" in evals:
+                a, b = (
+                    vectors(evals[f"{first}_{t}"]["questions"]),
+                    vectors(evals[f"{second}_{t}"]["questions"]),
+                )
+                yield t, seed, a, b, np.asarray(record["real_tokens"], dtype=float)
+
+
 def paired_table(
     seeds: dict[int, dict[str, Any]], iterations: int, first: str = "spin", second: str = "sft"
 ) -> list[str]:
@@ -317,20 +333,14 @@ def paired_table(
         f"| loglik/token {a_name} − {b_name} [95% bootstrap] |",
         "|---|---|---|---|---|---|---|",
     ]
-    for t in range(1, iterations + 1):
-        for seed, record in seeds.items():
-            evals = record["evals"]
-            if f"{first}_{t}" not in evals or f"{second}_{t}" not in evals:
-                continue
-            a, b = vectors(evals[f"{first}_{t}"]["questions"]), vectors(evals[f"{second}_{t}"]["questions"])
-            pc = paired_counts(a["correct"], b["correct"])
-            real = np.asarray(record["real_tokens"], dtype=float)
-            diff, ci = loglik_difference(a["loglik"], b["loglik"], real, seed=seed * 1000 + t)
-            interval = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "–"
-            lines.append(
-                f"| {t} | {seed} | {a['correct'].mean():.3f} / {b['correct'].mean():.3f} | {pc['spin_only']} "
-                f"| {pc['sft_only']} | {pc['p']:.3g} | {diff:+.4f} {interval} |"
-            )
+    for t, seed, a, b, real in paired_evaluations(seeds, iterations, first, second):
+        pc = paired_counts(a["correct"], b["correct"])
+        diff, ci = loglik_difference(a["loglik"], b["loglik"], real, seed=seed * 1000 + t)
+        interval = f"[{ci[0]:+.4f}, {ci[1]:+.4f}]" if ci else "–"
+        lines.append(
+            f"| {t} | {seed} | {a['correct'].mean():.3f} / {b['correct'].mean():.3f} | {pc['spin_only']} "
+            f"| {pc['sft_only']} | {pc['p']:.3g} | {diff:+.4f} {interval} |"
+        )
     return lines
 
 
@@ -359,23 +369,17 @@ def differences_table(
         "| iteration | seed | " + " | ".join(f"{m} {a_name} − {b_name}" for m, _ in metrics) + " |",
         "|---|---|" + "---|" * len(metrics),
     ]
-    for t in range(1, iterations + 1):
-        for seed, record in seeds.items():
-            evals = record["evals"]
-            if f"{first}_{t}" not in evals or f"{second}_{t}" not in evals:
+    for t, seed, a, b, real in paired_evaluations(seeds, iterations, first, second):
+        cells = []
+        for k, (m, d) in enumerate(metrics):
+            value, ci = metric_difference(m, a, b, real, seed=seed * 1000 + 10 * t + k)
+            if value is None:
+                cells.append("–")
                 continue
-            a, b = vectors(evals[f"{first}_{t}"]["questions"]), vectors(evals[f"{second}_{t}"]["questions"])
-            real = np.asarray(record["real_tokens"], dtype=float)
-            cells = []
-            for k, (m, d) in enumerate(metrics):
-                value, ci = metric_difference(m, a, b, real, seed=seed * 1000 + 10 * t + k)
-                if value is None:
-                    cells.append("–")
-                    continue
-                star = "*" if ci and (ci[0] > 0 or ci[1] < 0) else ""
-                interval = f" [{ci[0]:+.{d}f}, {ci[1]:+.{d}f}]" if ci else ""
-                cells.append(f"{value:+.{d}f}{interval}{star}")
-            lines.append(f"| {t} | {seed} | " + " | ".join(cells) + " |")
+            star = "*" if ci and (ci[0] > 0 or ci[1] < 0) else ""
+            interval = f" [{ci[0]:+.{d}f}, {ci[1]:+.{d}f}]" if ci else ""
+            cells.append(f"{value:+.{d}f}{interval}{star}")
+        lines.append(f"| {t} | {seed} | " + " | ".join(cells) + " |")
     return lines
 
 
