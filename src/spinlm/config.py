@@ -322,8 +322,8 @@ class TrainConfig:
     )
     gradient_checkpointing: bool = _help(
         "Recompute activations in the backward pass (the official recipe: on). On SmolLM2-135M, batch 4, "
-        "max_length 768, on CPU it cuts training's peak memory from 9.7 GB to under 3 GB for about a third "
-        "more compute (docs/results/training.md); turn it off when memory is plentiful and speed matters.",
+        "fp32, 2 CPU cores, off trained 1.20x faster at 7.0 GB peak against 2.6 GB on "
+        "(docs/results/training.md); turn it off when memory is plentiful and speed matters.",
         True,
     )
     save_steps: int = _help(
