@@ -204,13 +204,16 @@ def test_one_iteration_run_gives_a_checkpoint_that_still_answers(smollm2_dir: Pa
     assert "Paris" in tok.decode(reply[0, ids["input_ids"].shape[1] :])
 
 
-def test_packed_logps_equal_padded_on_smollm2(lm: tuple[Any, Any]) -> None:
-    """Sequences packed into rows without padding (position_ids restarting per sequence) give SmolLM2's
-    per-sequence log-probs and gradients of the padded batch within 1e-5 relative, in fp32, on fewer
-    positions."""
+@pytest.mark.parametrize("attention", ["sdpa_segments", "sdpa"])
+def test_packed_logps_equal_padded_on_smollm2(lm: tuple[Any, Any], attention: str) -> None:
+    """Sequences packed without padding (position_ids restarting per sequence; sdpa_segments: one row,
+    attention per sequence; sdpa: rows no wider than the padded batch) give SmolLM2's per-sequence
+    log-probs and gradients of the padded batch within 1e-5 relative, in fp32, on fewer positions."""
     from spinlm.logps import can_pack, pack_batch
 
     model, tok = lm
+    assert model.config._attn_implementation == "sdpa_segments"  # load_model's choice on CPU
+    model.set_attn_implementation(attention)
     assert can_pack(model)
     examples = make_word_problem_examples(6, 0)
     replies = [ex.response * (1 + i % 3) for i, ex in enumerate(examples)]  # lengths that differ
@@ -224,6 +227,7 @@ def test_packed_logps_equal_padded_on_smollm2(lm: tuple[Any, Any]) -> None:
         logps.sum().backward()
         got[packed] = (logps.detach(), weight.grad.clone())
     model.zero_grad()
+    model.set_attn_implementation("sdpa_segments")  # the module's model, as load_model gave it
     (padded, g_padded), (packed_, g_packed) = got[False], got[True]
     assert ((packed_ - padded) / padded).abs().max() < 1e-5, (packed_, padded)
     assert (g_packed - g_padded).norm() / g_padded.norm() < 1e-4

@@ -163,13 +163,15 @@ def test_trainer_holds_one_model(
     )
     assert result.steps == 1 and during == [before], (before, during)
     assert result.trainable_parameters == sum(p.numel() for p in model.parameters())
-    # One forward per micro-step, real and generated stacked: (2B, T), T = the longest in the batch.
-    longest = max(
+    # One forward per micro-step, real and generated together: on CPU load_model gives the model
+    # sdpa_segments, so the 2B sequences run packed back to back in one row of all their tokens.
+    assert model.config._attn_implementation == "sdpa_segments"
+    tokens = sum(
         len(encode_response(tokenizer, p["prompt"], p[side][0]["content"], 48).input_ids)
         for p in pairs
         for side in ("chosen", "rejected")
     )
-    assert forwards == [(32, longest)]
+    assert forwards == [(1, tokens)]
     row = read_log(tmp_path / "train_log.jsonl")[0]
     assert row["loss"] == pytest.approx(expected.losses.mean().item(), rel=1e-5)
     assert row["rewards/real"] == pytest.approx(expected.real_rewards.mean().item(), rel=1e-5, abs=1e-6)
@@ -257,17 +259,24 @@ def test_empty_pairs_is_an_error(tok_model: tuple[Any, Any], tmp_path: Path) -> 
         train_iteration(model, tokenizer, [], train_cfg(), iteration=1, run_seed=0, log_dir=tmp_path)
 
 
+@pytest.mark.parametrize("attention", ["sdpa_segments", "sdpa"])
 @pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
 @pytest.mark.parametrize("masked_head", [True, False])
 def test_forward_logps_matches_sequence_logps(
-    tok_model: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch, masked_head: bool, packed: bool
+    tok_model: tuple[Any, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    masked_head: bool,
+    packed: bool,
+    attention: str,
 ) -> None:
     """The LM head on response positions only + chunked fp32 log-probs == full logits + `sequence_logps`,
-    with the sequences packed into rows without padding or as the padded batch; gradients too."""
+    with the sequences packed without padding (sdpa_segments: one row, attention per sequence; sdpa: rows
+    no wider than the padded batch, a block-diagonal mask) or as the padded batch; gradients too."""
     import spinlm.logps as pairs_mod
     from spinlm.logps import TokenLogps, collate, encode_all, forward_logps, sequence_logps
 
     tokenizer, model = tok_model
+    model.set_attn_implementation(attention)
     assert pairs_mod.lm_head_takes_mask(model)  # a transformers 5 Llama
     monkeypatch.setattr(pairs_mod, "lm_head_takes_mask", lambda m: masked_head)
     monkeypatch.setattr(TokenLogps, "CHUNK_BYTES", 4 * len(tokenizer) * 7)  # 7 rows per chunk: many chunks
@@ -285,6 +294,58 @@ def test_forward_logps_matches_sequence_logps(
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got, want)
         for g, p in zip(grads, model.parameters()):
             assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_segment_attention_equals_block_diagonal_sdpa() -> None:
+    """`sdpa_segments` on one packed row (GQA: 4 query heads, 2 key/value heads) == SDPA under the
+    block-diagonal causal mask, forward and gradients; without offsets, or with a cache (fewer queries than
+    keys), it is SDPA as it is."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from spinlm.attention import segment_sdpa
+
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 2, True
+    gen = torch.Generator().manual_seed(0)
+    lengths = [5, 1, 9, 3]
+    seq = torch.repeat_interleave(torch.arange(4), torch.tensor(lengths))  # (L,) sequence of each position
+    pos = torch.cat([torch.arange(n) for n in lengths])  # (L,)
+    q = torch.randn(1, 4, 18, 8, generator=gen, requires_grad=True)
+    k, v = (torch.randn(1, 2, 18, 8, generator=gen, requires_grad=True) for _ in range(2))
+    cu = torch.tensor([0, 5, 6, 15, 18], dtype=torch.int32)
+    got, _ = segment_sdpa(module, q, k, v, None, scaling=0.3, cu_seq_lens_q=cu)
+    mask = (seq[:, None] == seq[None, :]) & (pos[:, None] >= pos[None, :])  # (L, L) query sees key
+    want, _ = sdpa_attention_forward(module, q, k, v, mask[None, None], scaling=0.3)
+    assert got.shape == want.shape == (1, 18, 4, 8)
+    assert torch.allclose(got, want, atol=1e-6)
+    g_got = torch.autograd.grad(got.square().sum(), (q, k, v))
+    g_want = torch.autograd.grad(want.square().sum(), (q, k, v))
+    for a, b in zip(g_got, g_want):
+        assert torch.allclose(a, b, atol=1e-5)
+    plain, _ = segment_sdpa(module, q, k, v, mask[None, None], scaling=0.3)  # no offsets: plain SDPA
+    assert torch.equal(plain, want)
+    cached, _ = segment_sdpa(module, q[:, :, -1:], k, v, None, scaling=0.3, cu_seq_lens_q=cu)  # decoding
+    assert torch.equal(cached, sdpa_attention_forward(module, q[:, :, -1:], k, v, None, scaling=0.3)[0])
+
+
+def test_load_model_attends_per_sequence_on_cpu(tiny_model_dir: Path) -> None:
+    """On CPU an SDPA model gets sdpa_segments, unless the config names an attention; a whole batch then
+    packs into one row of its tokens (the offsets where each sequence starts), sdpa packs rows <= T."""
+    from spinlm.logps import attends_per_sequence, collate, encode_all, pack_batch, segment_kwargs
+
+    tokenizer = load_tokenizer(tiny_model_dir, ModelConfig())
+    model = load_model(tiny_model_dir, ModelConfig(), device=CPU)
+    assert model.config._attn_implementation == "sdpa_segments" and attends_per_sequence(model)
+    chosen = load_model(tiny_model_dir, ModelConfig(attn_implementation="sdpa"), device=CPU)
+    assert chosen.config._attn_implementation == "sdpa" and not attends_per_sequence(chosen)
+    prompts = [[{"role": "user", "content": "1+" * k + "1"}] for k in (9, 1, 2)]
+    batch = collate(encode_all(tokenizer, prompts, ["10", "2", "3"], 48), tokenizer.pad_token_id)
+    lengths = batch["attention_mask"].sum(1).tolist()
+    row = pack_batch(batch, capacity=sum(lengths))["position_ids"]  # (1, L), longest first
+    kw = segment_kwargs(row, CPU)
+    ordered = sorted(lengths, reverse=True)
+    assert kw["cu_seq_lens_q"].tolist() == [0, ordered[0], ordered[0] + ordered[1], sum(lengths)]
+    assert kw["max_length_q"] == max(lengths)
 
 
 def test_pack_rows_first_fit_decreasing() -> None:

@@ -64,7 +64,10 @@ class ModelConfig:
     revision: str | None = _help("Hub revision (branch, tag or commit) of the model.", None)
     dtype: str = _help("Weights dtype: auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16.", "auto")
     attn_implementation: str | None = _help(
-        "Attention kernel: sdpa, eager, flash_attention_2, or unset.", None
+        "Attention kernel: sdpa, sdpa_segments (spinlm's SDPA that runs each packed sequence on its own; "
+        "what unset gives an SDPA model on CPU), eager, flash_attention_2, flash_attention_3, flex_attention, "
+        "or unset (the model's default).",
+        None,
     )
     trust_remote_code: bool = _help(
         "Run model code shipped with the checkpoint. Off: only turn on for code you trust.", False
@@ -85,7 +88,14 @@ class ModelConfig:
             _one_of(
                 self.attn_implementation,
                 "model.attn_implementation",
-                ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"),
+                (
+                    "sdpa",
+                    "sdpa_segments",
+                    "eager",
+                    "flash_attention_2",
+                    "flash_attention_3",
+                    "flex_attention",
+                ),
             )
 
 
@@ -314,15 +324,17 @@ class TrainConfig:
         "auto",
     )
     padding_free: bool = _help(
-        "Pack each micro-batch's sequences into rows without padding, position_ids restarting per sequence "
-        "(training, reference scoring and evaluation); log-probs equal the padded batch's up to float "
-        "rounding. Models whose attention mask does not come from transformers' masking_utils run padded "
-        "batches anyway; false forces padded batches.",
+        "Pack each micro-batch's sequences back to back without padding, position_ids restarting per "
+        "sequence (training, reference scoring and evaluation): one row of them all under an attention that "
+        "runs each sequence on its own (sdpa_segments, the CPU default, or flash-attention), else rows no "
+        "wider than the padded batch; log-probs equal the padded batch's up to float rounding. Models whose "
+        "attention mask does not come from transformers' masking_utils run padded batches anyway; false "
+        "forces padded batches.",
         True,
     )
     gradient_checkpointing: bool = _help(
         "Recompute activations in the backward pass (the official recipe: on). On SmolLM2-135M, batch 4, "
-        "fp32, 2 CPU cores, off trained 1.20x faster at 7.0 GB peak against 2.6 GB on "
+        "fp32, 2 CPU cores, off trained 1.20x faster at 5.8 GB peak against 2.6 GB on "
         "(docs/results/training.md); turn it off when memory is plentiful and speed matters.",
         True,
     )

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from spinlm.answers import compile_answer_pattern, extract_answer
+from spinlm.attention import SEGMENT_ATTENTION
 from spinlm.config import SpinConfig, scheduled
 from spinlm.data import Example, Message
 from spinlm.generation import generate_responses, generation_model
@@ -133,15 +134,17 @@ def reward_metrics(
 
 
 def shared_prompt_supported(model: Any) -> bool:
-    """Whether `score_shared_prompt` can run `model`: a transformers model on SDPA attention, which takes a
-    custom boolean (B, 1, L, L) mask as it is (masking_utils returns a 4D mask unchanged)."""
+    """Whether `score_shared_prompt` can run `model`: a transformers model on SDPA attention (or spinlm's
+    sdpa_segments), which takes a custom boolean (B, 1, L, L) mask as it is (masking_utils returns a 4D
+    mask unchanged)."""
     inner = model
     for _ in range(4):  # peft / wrappers: the transformers model inside
         if hasattr(inner, "get_base_model"):
             inner = inner.get_base_model()
         else:
             break
-    if getattr(getattr(inner, "config", None), "_attn_implementation", None) != "sdpa":
+    attention = getattr(getattr(inner, "config", None), "_attn_implementation", None)
+    if attention not in ("sdpa", SEGMENT_ATTENTION):  # sdpa_segments: plain SDPA given a mask
         return False
     modules = {sys.modules.get(c.__module__) for c in type(inner).__mro__}
     return any(hasattr(m, "create_causal_mask") for m in modules if m is not None)

@@ -6,11 +6,15 @@ reference formula on full logits. The SPIN loss itself is in `spinlm.loss` (pure
 - `encode_all` / `collate`: prompt + reply token ids (`spinlm.modeling.encode_response`, the chat template's
   rendering) right-padded into (N, T) `input_ids`, `attention_mask` and a `loss_mask` that is 1 on the reply.
 - `forward_logps`: what training (`spinlm.trainer`), reference scoring (`spinlm.opponent`) and evaluation run.
-  Padding-free (`train.padding_free`, on by default): the batch's sequences are packed back to back into
-  rows no longer than its padded width (`pack_rows`, first-fit decreasing; `pack_batch`), `position_ids`
-  restarting at every sequence and no attention mask, from which transformers builds a block-diagonal causal
-  mask, so no position is spent on padding (39-44% of trained positions on SmolLM2 / GSM8K were). Same
-  log-probs as the padded batch up to float rounding (tests: tiny model and SmolLM2 within 1e-5 relative in
+  Padding-free (`train.padding_free`, on by default): the batch's sequences are packed back to back,
+  `position_ids` restarting at every sequence and no attention mask, so no position is spent on padding
+  (39-44% of trained positions on SmolLM2 / GSM8K were). Under an attention that runs each sequence on its
+  own (`attends_per_sequence`: spinlm's `sdpa_segments`, which `load_model` gives SDPA models on CPU, or
+  flash-attention) the whole batch is one row, with the sequences' offsets (`segment_kwargs`): no filler and
+  no attention across sequences. Under plain SDPA / eager, transformers builds a block-diagonal causal mask
+  from the position ids and attends over whole rows, so rows are kept no longer than the padded width
+  (`pack_rows`, first-fit decreasing; `pack_batch`) and ~20% of positions stay filler. Same log-probs as the
+  padded batch up to float rounding (tests: tiny model and SmolLM2, both attentions, within 1e-5 relative in
   fp32). Models that do not build their mask that way (`can_pack`) run the padded batch.
   It projects only the M positions that predict a reply token through the LM head (transformers' boolean
   `logits_to_keep`, where the model supports it) and turns the (M, V) logits into fp32 log-probs chunk by
@@ -37,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from spinlm.attention import SEGMENT_ATTENTION
 from spinlm.data import Message, prompt_key
 from spinlm.modeling import Encoded, encode, encode_response, render_prompt
 from spinlm.progress import track
@@ -112,8 +117,11 @@ def forward_logps(
     device = next(model.parameters()).device
     n = batch["input_ids"].shape[0]
     if packed and can_pack(model):
-        rows = pack_batch(batch)
+        one_row = attends_per_sequence(model)  # then one row of everything: no filler, no cross-attention
+        rows = pack_batch(batch, capacity=int(batch["attention_mask"].sum()) if one_row else None)
         inputs = {"position_ids": rows["position_ids"].to(device), "use_cache": False}  # no mask: packing
+        if one_row:
+            inputs.update(segment_kwargs(rows["position_ids"], device))
     else:
         rows = _padded_rows(batch)
         inputs = {"attention_mask": batch["attention_mask"].to(device)}
@@ -141,6 +149,16 @@ def _padded_rows(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     n, t = input_ids.shape
     owner = torch.arange(n)[:, None].expand(n, max(t - 1, 0))  # (N, T-1)
     return {"input_ids": input_ids, "scored": batch["loss_mask"][:, 1:].bool(), "owner": owner}
+
+
+def segment_kwargs(position_ids: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """The flash-attention keywords (`cu_seq_lens_q/k`, `max_length_q/k`) for one packed row (1, L): where
+    each sequence starts (its position id is 0), then L; read by `sdpa_segments` and flash-attention."""
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist()  # (S,) offsets, starting with 0
+    bounds = [*starts, position_ids.shape[1]]
+    cu = torch.tensor(bounds, dtype=torch.int32, device=device)  # (S+1,)
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def pack_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -286,8 +304,27 @@ def lm_head_takes_mask(model: Any) -> bool:
 
 
 # Attention implementations that honour packed position_ids: sdpa / eager / flex through the block-diagonal
-# mask transformers' masking_utils builds from them, flash-attention through its varlen path.
-PACKING_ATTENTION = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+# mask transformers' masking_utils builds from them, flash-attention through its varlen path, spinlm's
+# sdpa_segments through the sequences' offsets.
+PACKING_ATTENTION = (
+    "sdpa",
+    "eager",
+    "flex_attention",
+    "flash_attention_2",
+    "flash_attention_3",
+    SEGMENT_ATTENTION,
+)
+# Those that attend within each sequence of a row rather than over the row under a mask, so a whole
+# micro-batch in one row costs no attention across sequences. Flash-attention reads packing from a single
+# row only (transformers' `_is_packed_sequence` wants batch size 1), so it must get one row.
+PER_SEQUENCE_ATTENTION = ("flash_attention_2", "flash_attention_3", SEGMENT_ATTENTION)
+
+
+def attends_per_sequence(model: Any) -> bool:
+    """Whether the model's attention runs each packed sequence on its own (`PER_SEQUENCE_ATTENTION`):
+    `forward_logps` then packs a whole batch into one row."""
+    config = getattr(_unwrap(model), "config", None)
+    return getattr(config, "_attn_implementation", None) in PER_SEQUENCE_ATTENTION
 
 
 def can_pack(model: Any) -> bool:
