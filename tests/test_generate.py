@@ -97,7 +97,12 @@ def test_same_seed_same_samples_across_batching_and_engines(
 
 
 def test_continuous_sampling_is_seeded(lm: tuple[Any, Any], prompts: list[list[dict]]) -> None:
+    """Seeded; a model on sdpa_segments (load_model's CPU choice) runs continuous batching as plain sdpa,
+    which accepts no other SDPA name, and gets sdpa_segments back."""
+    model = lm[0]
+    model.set_attn_implementation("sdpa_segments")
     a = generate_responses(*lm, prompts, _cfg(engine="continuous"), seed=5)
+    assert model.config._attn_implementation == "sdpa_segments"
     b = generate_responses(*lm, prompts, _cfg(engine="continuous"), seed=5)
     c = generate_responses(*lm, prompts, _cfg(engine="continuous"), seed=6)
     assert a == b and a != c

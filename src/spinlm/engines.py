@@ -18,9 +18,10 @@ tests/test_generate.py checks every engine's greedy output against one-at-a-time
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 from transformers import LogitsProcessor, StoppingCriteria
 from transformers.cache_utils import DynamicLayer
 
+from spinlm.attention import SEGMENT_ATTENTION
 from spinlm.config import GenerationConfig
 
 REFILL_FRACTION = 2  # refill once >= batch_size / 2 slots are free (measured: 2 beats 4 and 8 on CPU)
@@ -421,6 +423,20 @@ def continuous_supported(model: Any) -> bool:
     )
 
 
+@contextlib.contextmanager
+def _plain_sdpa(model: Any) -> Iterator[None]:
+    """A model on spinlm's `sdpa_segments` (plain SDPA outside packed forwards) runs as `sdpa` inside the
+    block, then gets `sdpa_segments` back; any other model is left as it is."""
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) != SEGMENT_ATTENTION:
+        yield
+        return
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(SEGMENT_ATTENTION)
+
+
 def continuous_engine(
     model: Any, prompt_ids: list[list[int]], keys: list[int], spec: Spec, on_done: Callable[[int], None]
 ) -> list[list[int]]:
@@ -456,7 +472,10 @@ def continuous_engine(
                 "max_batch_tokens": 1024,
             }
         )
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # it reseeds the global RNG
+    with (
+        torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []),  # it reseeds the global RNG
+        _plain_sdpa(model),  # continuous batching accepts sdpa, eager and flash only
+    ):
         results = model.generate_batch(
             prompt_ids,
             generation_config=gen_cfg,
