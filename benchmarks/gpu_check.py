@@ -33,9 +33,10 @@ What `run` does, each part in its own process with its own time limit (`--limit 
    padded batch: docs/results/training.md). `packing_steps` micro-batches of 2 x `train_batch` sequences of
    unequal, SPIN-like lengths (a prompt of `packing_prompt` tokens and a reply of `packing_reply`, uniform in
    each range, random token ids), one forward + backward each (gradient checkpointing on, as spinlm trains;
-   `benchmarks/packing_profile.py`'s `layouts` and `fwd_bwd`) in five layouts of the same tokens: padded,
-   packed into rows no wider than the padded batch (the default), rows of `spinlm.logps.row_capacity`'s
-   width, one row of everything, and each sequence in a forward of its own. Median seconds over `packing_repeats` passes after a warm-up pass, the share
+   `benchmarks/packing_profile.py`'s `layouts` and `fwd_bwd`) in six layouts of the same tokens: padded,
+   packed into rows no wider than the padded batch (under plain sdpa, the GPU default), rows of
+   `spinlm.logps.row_capacity`'s width, one row of everything, one row under spinlm's `sdpa_segments`
+   (attention within each sequence; the CPU default), and each sequence in a forward of its own. Median seconds over `packing_repeats` passes after a warm-up pass, the share
    of positions that are padding or filler, peak memory, and the largest difference of the per-sequence
    log-probs from the padded layout's (packing must not change what is computed).
 
@@ -856,6 +857,9 @@ def sequence_logps(model: Any, layout: dict[str, Any], n: int) -> Any:
 
     if "parts" in layout:
         return sum(sequence_logps(model, p, n) for p in layout["parts"])
+    from packing_profile import use_attention  # on sys.path: packing_worker put it there
+
+    use_attention(model, layout)  # sdpa_segments for `segments`, plain sdpa for the others
     keep = torch.zeros_like(layout["input_ids"], dtype=torch.bool)  # (R, L)
     keep[:, :-1] = layout["scored"]
     with torch.no_grad():

@@ -1,16 +1,20 @@
-"""Where packing's training speed-up comes from: one micro-batch of SPIN pairs, three layouts, profiled.
+"""Where packing's training speed-up comes from: one micro-batch of SPIN pairs, six layouts, profiled.
 
 What: SmolLM2-135M-Instruct (fp32, CPU), the first `--steps` training micro-batches of a pairs file written by
 benchmarks/real_training.py (`OUT/work/pairs.jsonl`: GSM8K questions, real answer = chosen, the model's own
 sample = rejected), in spinlm's batch order (`spinlm.trainer.plan_batches`, run_seed 0, iteration 1). Each
 micro-batch's 2 x `--batch-size` sequences run one forward + backward (gradient checkpointing on, as spinlm
-trains) in three layouts of the same tokens:
+trains) in six layouts of the same tokens:
 
 - `padded`: the right-padded (N, T) batch with its attention mask (`train.padding_free: false`);
 - `packed`: rows of at most T tokens (`spinlm.logps.pack_batch`, what `train.padding_free` runs);
 - `cost_model`: rows of the capacity `spinlm.logps.row_capacity` picks (least estimated compute);
 - `one_row`: every sequence of the micro-batch back to back in a single row (no filler at all; attention
   runs over the whole row under a block-diagonal mask, so its cost grows with the row's square).
+- `segments`: the same single row under `sdpa_segments` (`spinlm.attention`), which attends within each
+  sequence's slice of the row: no filler and no attention across sequences. What `train.padding_free` runs
+  on CPU, where `spinlm.modeling.load_model` gives SDPA models this attention; every other layout runs
+  under plain `sdpa`.
 - `per_sequence`: every sequence in a forward of its own, (1, n) without padding or mask (no filler, and
   attention only within each sequence, as flash-attention's varlen path does on a GPU; the price is one
   call per sequence and matrix products of n rows instead of the batch's).
@@ -37,14 +41,15 @@ from typing import Any
 import torch
 from real_common import smollm2_folder
 
-LAYOUTS = ("padded", "packed", "cost_model", "one_row", "per_sequence")
+LAYOUTS = ("padded", "packed", "cost_model", "one_row", "segments", "per_sequence")
 
 
 def layouts(batch: dict[str, torch.Tensor], attention: float) -> dict[str, dict[str, Any]]:
-    """Each layout of one collated batch: its rows (input_ids, scored, owner) and the model's other inputs,
-    as `spinlm.logps.forward_logps` runs them; `per_sequence` is a list of such layouts (`parts`), one
-    (1, n) row per sequence."""
-    from spinlm.logps import _padded_rows, pack_batch, row_capacity
+    """Each layout of one collated batch: its rows (input_ids, scored, owner), the model's other inputs
+    and its attention, as `spinlm.logps.forward_logps` runs them; `per_sequence` is a list of such layouts
+    (`parts`), one (1, n) row per sequence."""
+    from spinlm.attention import SEGMENT_ATTENTION
+    from spinlm.logps import _padded_rows, pack_batch, row_capacity, segment_kwargs
 
     lengths = batch["attention_mask"].sum(dim=1).tolist()
     auto = row_capacity(lengths, batch["input_ids"].shape[1], attention)
@@ -54,6 +59,10 @@ def layouts(batch: dict[str, torch.Tensor], attention: float) -> dict[str, dict[
     for name, cap in (("packed", None), ("cost_model", auto), ("one_row", sum(lengths))):
         rows = pack_batch(batch, capacity=cap)
         out[name] = {**rows, "extra": {"position_ids": rows["position_ids"], "use_cache": False}}
+    rows = pack_batch(batch, capacity=sum(lengths))
+    extra = {"position_ids": rows["position_ids"], "use_cache": False}
+    extra |= segment_kwargs(rows["position_ids"], torch.device("cpu"))  # on_device moves the offsets
+    out["segments"] = {**rows, "extra": extra, "attention": SEGMENT_ATTENTION}
     parts = []
     for i, n in enumerate(lengths):
         ids = batch["input_ids"][i : i + 1, :n]  # (1, n) the sequence alone
@@ -81,6 +90,13 @@ def shapes(layout: dict[str, Any]) -> list[int] | list[list[int]]:
     return list(layout["input_ids"].shape)
 
 
+def use_attention(model: Any, layout: dict[str, Any]) -> None:
+    """Switch the model to the layout's attention (`sdpa_segments` for `segments`, else plain `sdpa`)."""
+    name = layout.get("attention", "sdpa")
+    if model.config._attn_implementation != name:
+        model.set_attn_implementation(name)
+
+
 def fwd_bwd(model: Any, rows: dict[str, Any], backward: bool = True) -> None:
     """forward_logps' forward (logits only where a response token is predicted), then a backward (without
     `backward`: the forward alone, no graph, as reference scoring runs)."""
@@ -88,6 +104,7 @@ def fwd_bwd(model: Any, rows: dict[str, Any], backward: bool = True) -> None:
         for part in rows["parts"]:
             fwd_bwd(model, part, backward)
         return
+    use_attention(model, rows)
     keep = torch.zeros_like(rows["input_ids"], dtype=torch.bool)  # (R, L)
     keep[:, :-1] = rows["scored"]
     with torch.set_grad_enabled(backward):

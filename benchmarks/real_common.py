@@ -122,12 +122,16 @@ def run_worker(cmd: list[str], env: dict[str, str] | None = None, echo: bool = F
     return json.loads(line[len("RESULT ") :]) | {"process_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
 
 
-def batch_positions(lengths: list[int], packed: bool) -> int:
-    """Positions the forward pass runs for sequences of these lengths: the padded (N, T) batch, or the
-    (R, L) rows `spinlm.logps.pack_batch` packs them into."""
+def batch_positions(lengths: list[int], packed: bool, one_row: bool = True) -> int:
+    """Positions the forward pass runs for sequences of these lengths: the padded (N, T) batch, or packed:
+    one row of them all (`one_row`: what `spinlm.logps.forward_logps` runs under an attention that
+    attends per sequence, sdpa_segments on CPU by default), else the (R, L) rows no wider than T that
+    `spinlm.logps.pack_batch` packs them into under plain sdpa."""
     from spinlm.logps import pack_rows
 
     if not packed:
         return max(lengths) * len(lengths)
+    if one_row:
+        return sum(lengths)
     rows = pack_rows(lengths, max(lengths))
     return len(rows) * max(sum(lengths[i] for i in row) for row in rows)

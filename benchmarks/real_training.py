@@ -203,7 +203,8 @@ def count_tokens(tok: Any, pairs: list[dict[str, Any]], max_length: int) -> tupl
 
 
 def positions(tok: Any, pairs: list[dict[str, Any]], batch_size: int, max_length: int) -> dict[str, int]:
-    """Positions spin's forward passes run, packed and padded, and the real tokens among them: training's
+    """Positions spin's forward passes run (one row per batch under sdpa_segments, rows <= T under sdpa, and
+    padded), and the real tokens among them: training's
     micro-batches of 2 x `batch_size` sequences in `spinlm.trainer.plan_batches`' order (benchmarks/training.py
     trains with run_seed 0, iteration 1), and the reference pass's batches of 2 x `batch_size` sequences of
     one side, sorted by length (`spinlm.logps.score_logps`). Counted from spin's tokenisation, not timed."""
@@ -214,17 +215,19 @@ def positions(tok: Any, pairs: list[dict[str, Any]], batch_size: int, max_length
     feats = featurize(tok, rows, max_length)
     cfg = TrainConfig(batch_size=batch_size, gradient_accumulation_steps=1, max_length=max_length)
     _, micro = plan_batches(len(feats), cfg, 1.0, 0 * 1000 + 1, 1)
-    work = {"tokens": 0, "train_packed": 0, "train_padded": 0, "ref_packed": 0, "ref_padded": 0}
+    work = {"tokens": 0}
+    layouts = {"one_row": (True, True), "packed": (True, False), "padded": (False, False)}
     for batch in micro:
         lengths = [len(s.input_ids) for i in batch for s in (feats[i].chosen, feats[i].rejected)]
         work["tokens"] += sum(lengths)
-        work["train_packed"] += batch_positions(lengths, True)
-        work["train_padded"] += batch_positions(lengths, False)
+        for name, (packed, one_row) in layouts.items():
+            work[f"train_{name}"] = work.get(f"train_{name}", 0) + batch_positions(lengths, packed, one_row)
     for side in ("chosen", "rejected"):
         lengths = sorted((len(getattr(f, side).input_ids) for f in feats), reverse=True)
         for b in range(0, len(lengths), 2 * batch_size):
-            work["ref_packed"] += batch_positions(lengths[b : b + 2 * batch_size], True)
-            work["ref_padded"] += batch_positions(lengths[b : b + 2 * batch_size], False)
+            chunk = lengths[b : b + 2 * batch_size]
+            for name, (packed, one_row) in layouts.items():
+                work[f"ref_{name}"] = work.get(f"ref_{name}", 0) + batch_positions(chunk, packed, one_row)
     return work
 
 

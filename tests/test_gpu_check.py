@@ -79,13 +79,13 @@ def test_cpu_dry_run_runs_every_part(tmp_path: Path) -> None:
     assert [(r["size"], r["layout"]) for r in packing] == [
         (size, layout)
         for size in s.sizes
-        for layout in ("padded", "packed", "cost_model", "one_row", "per_sequence")
+        for layout in ("padded", "packed", "cost_model", "one_row", "segments", "per_sequence")
     ]
     for r in packing:
         assert r["micro_batches"] == s.packing_steps and r["seconds"] > 0
         assert r["tokens"] <= r["positions"] and 0 <= r["waste"] < 1
         assert r["max_logp_diff"] < 1e-3  # fp32: packing computes the same log-probs as padding
-    one_row = [r for r in packing if r["layout"] == "one_row"]
+    one_row = [r for r in packing if r["layout"] in ("one_row", "segments")]
     assert all(r["waste"] == 0 and all(shape[0] == 1 for shape in r["shapes"]) for r in one_row)
     per_sequence = [r for r in packing if r["layout"] == "per_sequence"]
     assert all(len(shapes) == 2 * s.train_batch for r in per_sequence for shapes in r["shapes"])
