@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from real_common import smollm2_folder
 
+BF16 = [False]  # set by --precision bf16: every forward under CPU bf16 autocast (fp32 weights)
 LAYOUTS = ("padded", "packed", "cost_model", "one_row", "segments", "per_sequence")
 
 
@@ -107,7 +108,7 @@ def fwd_bwd(model: Any, rows: dict[str, Any], backward: bool = True) -> None:
     use_attention(model, rows)
     keep = torch.zeros_like(rows["input_ids"], dtype=torch.bool)  # (R, L)
     keep[:, :-1] = rows["scored"]
-    with torch.set_grad_enabled(backward):
+    with torch.set_grad_enabled(backward), torch.autocast("cpu", torch.bfloat16, enabled=BF16[0]):
         logits = model(input_ids=rows["input_ids"], logits_to_keep=keep, **rows["extra"]).logits  # (M, V)
         total = logits.float().logsumexp(-1).mean()  # a scalar that reaches every kept logit
     if backward:
@@ -125,9 +126,16 @@ def main() -> None:
     ap.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS, help="layouts to time")
     ap.add_argument("--forward-only", action="store_true", help="time forwards without gradients (scoring)")
     ap.add_argument("--profile", action="store_true", help="also print the top operators of each layout")
+    ap.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: under CPU autocast, as train.precision",
+    )
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    BF16[0] = args.precision == "bf16"
     from spinlm.config import ModelConfig, TrainConfig
     from spinlm.modeling import load_model, load_tokenizer
     from spinlm.trainer import collate_pairs, featurize, plan_batches, set_activation_checkpointing

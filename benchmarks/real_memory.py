@@ -3,8 +3,9 @@
 What it measures: the peak resident memory (VmHWM of /proc/self/status, reset between phases through
 /proc/self/clear_refs) of each phase of an iteration, on the issue's settings (batch 4, max_length 768):
 loading the model, scoring the reference log-probs (eval.batch_size sequences per forward), and training
-steps with and without gradient checkpointing, under glibc's default malloc and under spin's setting (a
-1 MiB mmap threshold, `spinlm.memory.limit_heap_growth`). Each configuration runs in a fresh subprocess.
+steps with and without gradient checkpointing, under glibc's default malloc (what spinlm runs, trimming the
+heap after each step: `spinlm.memory`) and under a 1 MiB mmap threshold (what `MALLOC_MMAP_THRESHOLD_=1048576`
+gives: leaner, slower; spinlm's default before). Each configuration runs in a fresh subprocess.
 
 Pairs: GSM8K train questions with their real answers as chosen, and as rejected a real answer of another
 question repeated to 256 tokens (the length SmolLM2's temperature-1 samples often run to), so no generation
@@ -30,8 +31,8 @@ GSM8K = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 CONFIGS = {
     "default malloc, no checkpointing": {"gc": False, "heap": False},
     "default malloc, checkpointing": {"gc": True, "heap": False},
-    "spin malloc, no checkpointing": {"gc": False, "heap": True},
-    "spin malloc, checkpointing": {"gc": True, "heap": True},
+    "1 MiB mmap threshold, no checkpointing": {"gc": False, "heap": True},
+    "1 MiB mmap threshold, checkpointing": {"gc": True, "heap": True},
 }
 
 
@@ -56,10 +57,10 @@ def _reset_peak() -> None:
 def worker(model_dir: str, gc: bool, heap: bool, steps: int, n_pairs: int) -> dict[str, Any]:
     import torch
 
-    if heap:
-        from spinlm.memory import limit_heap_growth
+    if heap:  # as MALLOC_MMAP_THRESHOLD_=1048576 would: mallopt(M_MMAP_THRESHOLD = -3, 1 MiB)
+        import ctypes
 
-        limit_heap_growth()
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)
     from spinlm.config import ModelConfig, TrainConfig
     from spinlm.logps import score_logps
     from spinlm.modeling import load_model, load_tokenizer

@@ -30,8 +30,10 @@ with spin's tokenisation) and that as % of the machine's matmul limit at 6 N FLO
 backward of the policy; recomputation under checkpointing and TRL's live reference forward are overhead, not
 counted), and the peak resident memory of the whole worker process (the kernel's high-water mark, `wait4`'s
 ru_maxrss: exact, no sampling; it includes imports and model loading). The limit: a fresh process times a
-2048 x 2048 fp32 matmul with the same thread count (best of 5, GFLOP/s) before the first trainer. Every
-worker runs with `MALLOC_MMAP_THRESHOLD_` = `--mmap-threshold` (benchmarks/training.py says why).
+2048 x 2048 fp32 matmul with the same thread count (best of 5, GFLOP/s) before the first trainer. Memory
+allocator: by default each trainer runs as a user runs it (glibc's malloc; spinlm trims the heap after each
+step, `spinlm.memory`); `--mmap-threshold N` sets `MALLOC_MMAP_THRESHOLD_` = N for every worker (1048576:
+resident memory follows the live tensors, every trainer slower; the tables before 2026-12-05 ran so).
 
 Needs the GSM8K file (`--data`; default ../shared/data/gsm8k/train.jsonl, else /work/shared/data/gsm8k/
 train.jsonl); without it, it says so and exits 0.
@@ -309,7 +311,9 @@ def parse_args() -> argparse.Namespace:
         "--precision", choices=("fp32", "bf16"), default="fp32", help="compute precision (bf16: autocast)"
     )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads, every worker and the matmul")
-    p.add_argument("--mmap-threshold", type=int, default=2**20, help="MALLOC_MMAP_THRESHOLD_ (0: glibc's)")
+    p.add_argument(
+        "--mmap-threshold", type=int, default=0, help="MALLOC_MMAP_THRESHOLD_ for every worker (0: glibc's)"
+    )
     p.add_argument("--model", default=None, help="model folder (default: runs/smollm2, made once)")
     p.add_argument("--data", default=default_gsm8k(), help="GSM8K jsonl with question / answer fields")
     p.add_argument("--out", default="runs/real_training", help="folder for the cache, work files, results")

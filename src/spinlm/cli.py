@@ -33,7 +33,6 @@ from spinlm.config import format_config_reference, load_config
 from spinlm.demo import run_demo, run_real_demo
 from spinlm.errors import SpinError
 from spinlm.io import os_error_message
-from spinlm.memory import limit_heap_growth
 
 log = logging.getLogger("spinlm")
 
@@ -288,7 +287,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.debug)
 
-    limit_heap_growth()  # RSS follows live tensors instead of the heap's high-water mark (spinlm.memory)
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     try:
         args.fn(args)

@@ -39,7 +39,7 @@ from spinlm.errors import SpinError
 from spinlm.evaluation import EvalState, primary_metric
 from spinlm.io import atomic_write_text, claim_output_dir, is_done, mark_done, read_json, write_json
 from spinlm.logging_utils import IterationLogger
-from spinlm.memory import limit_heap_growth
+from spinlm.memory import release_free_memory
 from spinlm.modeling import encode, load_model, load_tokenizer, render_prompt, resolve_source, save_model
 from spinlm.resume import BASE_MODEL, RunLock, check_resume_config, tidy_run_folder
 from spinlm.runtime import apply_settings
@@ -122,7 +122,6 @@ def run(cfg: SpinConfig, force: bool = False, accelerator: Any = None) -> dict[s
         raise SpinError(
             "model.name_or_path is not set", hint="give the starting SFT model's folder or Hub id"
         )
-    limit_heap_growth()  # CPU: resident memory follows the live tensors (spinlm.memory)
     apply_settings(cfg)  # torch threads and progress lines
     run_dir = Path(cfg.output_dir)
     accelerator = accelerator or make_accelerator(cfg.train)
@@ -187,6 +186,7 @@ def _play(cfg: SpinConfig, force: bool, accelerator: Any, run_dir: Path) -> dict
         model = game.load(model_path)
         if t >= 1:
             pairs = stages.make_pairs(game, t, model)  # the opponent p_{t-1} samples and scores
+            release_free_memory()  # CPU: the sampler's and scorer's freed heap goes back (spinlm.memory)
             model, model_path = stages.train(game, t, model, pairs)  # the main player p_t, saved and reloaded
         metrics, state = stages.evaluate(game, t, model, model_path, state, started)
         stages.publish(game, t, metrics)

@@ -48,6 +48,7 @@ from spinlm.errors import SpinError
 from spinlm.io import append_jsonl, apply_umask, fault_point, read_json, trim_log, write_json
 from spinlm.logps import collate, encode_all, forward_logps
 from spinlm.loss import reward_wins, spin_loss, tie_rtol
+from spinlm.memory import release_free_memory
 from spinlm.modeling import Encoded, default_device, forget_checkpoint, resolve_precision_dtype, save_model
 from spinlm.progress import Progress, track
 
@@ -307,6 +308,7 @@ def _train_steps(
             run, acc.reduce(sums.to(acc.device), "mean"), cfg, iteration, step, log_dir, writer, bar
         )
         sums = torch.zeros(4, dtype=torch.float64)
+        release_free_memory()  # CPU: the step's freed heap goes back to the OS (spinlm.memory)
         fault_point("train_step")  # test hook (spinlm.io): a kill after a logged step, before its checkpoint
         if checkpoint_dir is not None and cfg.save_steps and step % cfg.save_steps == 0 and step < run.steps:
             _save_trainer_state(acc, checkpoint_dir, step, run.scheduler)
