@@ -6,9 +6,10 @@ all other settings fixed: replies capped at `--max-new-tokens` (default 64, not 
 largest size to hours on a CPU: a longer cap makes generation and training dearer per prompt, not the
 scaling different), engine `refill` (auto would time the engines only at the larger sizes), batch
 `--gen-batch-size` for generation and `--batch-size` pairs per step, max_length `--max-length`, RMSprop at
-5e-7, 1 epoch, gradient checkpointing on (spin's defaults); fp32 unless `--precision bf16` (train.precision:
-bf16 autocast in training and in scoring the reference, as the policy runs) and `--gen-dtype bfloat16`
-(generation.dtype: the engines sample from a bf16 copy), each ~1.7-1.8x faster on a CPU with AMX, ~3x slower on a CPU measured without AMX (docs/results/training.md).
+5e-7, 1 epoch, gradient checkpointing on (spin's defaults); `--precision` (train.precision; bf16: autocast in training
+and in scoring the reference, as the policy runs) and `--gen-dtype` (generation.dtype; bfloat16: the engines
+sample from a bf16 copy), both `auto` by default: bf16 on a CPU with AMX or AVX512-BF16 (each ~1.7-1.8x
+faster with AMX), fp32 on a CPU without (where bf16 measured ~3x slower; docs/results/training.md).
 Evaluation runs on the same `--eval-size` held-out questions at every size: each size's data file holds
 those questions plus its first `size` others, and the held-out questions are the ones spin's own split
 (`spinlm.data.split_holdout`, a hash of seed and prompt) ranks first over the whole GSM8K file, so spin holds
@@ -289,7 +290,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--precision",
         default="auto",
-        help="train.precision (auto: fp32 on CPUs, bf16 on bf16 GPUs)",
+        help="train.precision (auto: bf16 where bf16 is fast, a bf16 GPU or a CPU with AMX / AVX512-BF16)",
     )
     p.add_argument(
         "--gen-dtype",

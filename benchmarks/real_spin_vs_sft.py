@@ -351,14 +351,6 @@ def eval_config(s: Settings, start: str) -> SpinConfig:
     return spin_config(s, EVAL_SEED, start, s.out / "data" / "test.jsonl", s.out / "eval")
 
 
-def train_autocast(precision: str) -> contextlib.AbstractContextManager[Any]:
-    """For `sft_train`: the autocast accelerate gives SPIN's training under `train.precision: bf16`."""
-    if precision == "bf16":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        return torch.autocast(device, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @contextlib.contextmanager
 def checkpointing(model: Any, on: bool) -> Iterator[None]:
     """Activation checkpointing while training, as SPIN's trainer has it under the same setting."""
@@ -689,7 +681,7 @@ def warm_up(ctx: Context) -> dict[str, Any]:
         return stop
 
     check(0)
-    with checkpointing(model, s.gradient_checkpointing), train_autocast(s.precision):
+    with checkpointing(model, s.gradient_checkpointing):
         losses = sft_train(
             model,
             ctx.tok,
@@ -703,6 +695,7 @@ def warm_up(ctx: Context) -> dict[str, Any]:
             desc="warm-up sft",
             lr_scheduler="constant",
             warmup_ratio=0.1,
+            precision=s.precision,
             stop=check,
             check_every=s.warmup_every,
             optimizer="adamw",
@@ -971,7 +964,7 @@ def sft_iteration(ctx: Context, game: Seed, t: int) -> dict[str, Any]:
     lr = float(scheduled(cfg.train.learning_rate, t))
     log.info("seed %d continued SFT iteration %d: %d steps x %d sequences", game.seed, t, steps, batch)
     t0 = time.perf_counter()
-    with checkpointing(model, s.gradient_checkpointing), train_autocast(s.precision):
+    with checkpointing(model, s.gradient_checkpointing):
         losses = sft_train(
             model,
             ctx.tok,
@@ -986,6 +979,7 @@ def sft_iteration(ctx: Context, game: Seed, t: int) -> dict[str, Any]:
             lr_scheduler=cfg.train.lr_scheduler,
             warmup_ratio=cfg.train.warmup_ratio,
             optimizer=cfg.train.optimizer,
+            precision=s.precision,
         )
     seconds = time.perf_counter() - t0
     save_model(model, ctx.tok, it / "model")

@@ -11,7 +11,7 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# fp32 on every CPU, AMX or not, so that the suite's numbers do not depend on the machine it runs on
+# fp32 on every CPU, AMX or not (train.precision and generation.dtype `auto`), so that the suite's numbers do not depend on the machine it runs on
 # (spinlm.modeling.fast_bf16); tests of the bf16 rule set it themselves. Subprocesses inherit it.
 os.environ["SPINLM_CPU_BF16"] = "0"
 torch.set_num_threads(2)

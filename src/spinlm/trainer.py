@@ -3,9 +3,10 @@ iteration's pairs, with the opponent's log-probs read from the pairs (scored onc
 
 One model in memory: the reference is the column `ref_chosen_logps` / `ref_rejected_logps`, never a second
 network (tests/test_train.py::test_trainer_holds_one_model checks it). Each micro-step runs the real and
-generated sequences of a batch in ONE forward pass, padded to the longest sequence in the batch.
-`accelerate` supplies devices, DDP / DeepSpeed / FSDP, mixed precision (bf16 autocast on GPU, fp32 on CPU
-under `precision: auto`) and gradient accumulation; the loop itself is plain PyTorch.
+generated sequences of a batch in ONE forward pass (packed without padding under `train.padding_free`).
+`accelerate` supplies devices, DDP / DeepSpeed / FSDP, mixed precision (under `precision: auto` bf16 autocast
+wherever bf16 is fast: a bf16 GPU or a CPU with AMX / AVX512-BF16; else fp32) and gradient accumulation; the
+loop itself is plain PyTorch.
 
 Batches: one shared order of micro-batches per iteration (`plan_batches`), the batch sampler of a DataLoader
 that accelerate prepares: it deals them round-robin to the processes, so the global batch is
@@ -298,6 +299,7 @@ def _train_steps(
                 acc.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
             run.optimizer.step()  # accelerate's prepared optimizer steps only when gradients are synced
             if acc.sync_gradients:
+                torch.clear_autocast_cache()  # stale casts of the old weights under a caller's autocast (sft_train)
                 run.scheduler.step()
             run.optimizer.zero_grad(set_to_none=True)
         if not acc.sync_gradients:
@@ -492,9 +494,9 @@ PRECISIONS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp1
 
 
 def resolve_precision(precision: str) -> str:
-    """`precision: auto` -> bf16 on a bf16 CUDA GPU, fp32 otherwise (`spinlm.modeling.resolve_precision_dtype`
-    says why not on CPUs with fast bf16). bf16 is accelerate's autocast over fp32 weights, and the
-    opponent's reference log-probs are scored under the same autocast (`spinlm.opponent`)."""
+    """`precision: auto` -> bf16 where bf16 is fast (a bf16 CUDA GPU, a CPU with AMX or AVX512-BF16), fp32
+    otherwise (`spinlm.modeling.resolve_precision_dtype`). bf16 is accelerate's autocast over the weights as
+    loaded, and the opponent's reference log-probs are scored under the same autocast (`spinlm.opponent`)."""
     return PRECISIONS[resolve_precision_dtype(precision, default_device())]
 
 
@@ -508,6 +510,8 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     from accelerate import Accelerator
 
     precision = resolve_precision(cfg.precision)
+    if cfg.precision == "auto":
+        log.info("train.precision auto: %s on this machine (set train.precision to choose)", precision)
     return Accelerator(
         mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -559,14 +563,22 @@ def sft_train(
     stop: Callable[[int], bool] | None = None,
     check_every: int = 50,
     optimizer: str = "adamw",
+    precision: str = "fp32",
 ) -> list[float]:
     """Plain supervised fine-tuning (mean token NLL of the response), for the demo and the baselines.
 
     `optimizer` (adamw, or rmsprop / sgd as in `train.optimizer`, built by `make_optimizer`; no weight decay),
     `warmup_ratio` of the steps warming up, then `lr_scheduler` (cosine or linear to zero at `steps`, or
-    constant). `stop(step)`,
+    constant). `precision` as `train.precision` (fp32, bf16, fp16: autocast around each forward, as
+    accelerate runs SPIN's trainer). `stop(step)`,
     called every `check_every` steps with the model in eval mode, ends training early when it returns True
     (the demo stops its warm-up once the model answers a given fraction of problems).
+
+    Autocast and in-place weight updates: autocast caches the low-precision copy of each weight until its
+    outermost context exits, and an optimizer step does not invalidate it. A training loop run inside ONE
+    autocast context therefore computes every step with the first step's bf16 weights while the fp32
+    weights move on (measured: benchmarks/bf16_drift.py before this was fixed). So the autocast here wraps
+    each forward alone, and the cache is cleared after every step in case a caller wraps the whole call.
     """
     forget_checkpoint(model)
     feats = encode_all(tokenizer, prompts, responses, max_length)
@@ -575,6 +587,7 @@ def sft_train(
     scheduler = make_scheduler(opt, lr_scheduler, max(1, round(steps * warmup_ratio)), steps)
     model.train()
     device = next(model.parameters()).device
+    dtype = resolve_precision_dtype(precision, device)
     losses = []
     perm: list[int] = []
     for _ in track(range(steps), steps, desc, unit="step"):
@@ -582,12 +595,14 @@ def sft_train(
             perm += torch.randperm(len(feats), generator=gen).tolist()
         idx, perm = perm[:batch_size], perm[batch_size:]
         batch = collate([feats[i] for i in idx], tokenizer.pad_token_id)
-        logps = forward_logps(model, batch, length_normalize=False)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            logps = forward_logps(model, batch, length_normalize=False)  # (B,) summed response log-probs
         loss = -logps.sum() / batch["loss_mask"][:, 1:].sum().clamp(min=1).to(device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        torch.clear_autocast_cache()  # the casts of the weights just updated (see the docstring)
         scheduler.step()
         losses.append(loss.item())
         if stop is not None and len(losses) % check_every == 0:
