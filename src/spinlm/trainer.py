@@ -191,6 +191,11 @@ def train_iteration(
             f"train.gradient_accumulation_steps is {cfg.gradient_accumulation_steps}",
             hint="create it with spinlm.trainer.make_accelerator(cfg.train)",
         )
+    if cfg.precision == "auto" and accelerator.is_main_process:
+        log.info(
+            "train.precision auto: %s on this machine (set train.precision to choose)",
+            str(accelerator.mixed_precision).replace("no", "fp32"),
+        )
     features = featurize(tokenizer, pairs, cfg.max_length)
     use_cache = getattr(getattr(model, "config", None), "use_cache", None)
     run = _setup(model, features, tokenizer.pad_token_id, cfg, iteration, run_seed, accelerator)
@@ -510,8 +515,6 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     from accelerate import Accelerator
 
     precision = resolve_precision(cfg.precision)
-    if cfg.precision == "auto":
-        log.info("train.precision auto: %s on this machine (set train.precision to choose)", precision)
     return Accelerator(
         mixed_precision={"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision],
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
